@@ -1,0 +1,35 @@
+# distann — the two quickstart commands are `make quickstart` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+
+.PHONY: quickstart test test-all bench-build bench-search install clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test,bench]"
+	touch $@
+
+install: $(VENV)/.installed
+
+## Generate vectors, build an index on an embedded local Dask cluster, search it, print recall/QPS/build time
+quickstart: $(VENV)/.installed
+	$(PY) jobs/quickstart.py
+
+## The default test suite (what CI runs)
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+## Everything, including the slow cases
+test-all: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not gpu"
+
+bench-build: $(VENV)/.installed
+	$(PY) jobs/bench_build.py
+
+bench-search: $(VENV)/.installed
+	$(PY) jobs/bench_search.py
+
+clean:
+	rm -rf $(VENV) data out bench-out .pytest_cache

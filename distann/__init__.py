@@ -1,0 +1,48 @@
+"""distann: distributed, out-of-core IVF vector indexing on Dask, Zarr and Numba.
+
+The top-level names are imported lazily so ``import distann`` stays cheap (no Dask cluster,
+no Numba compilation) until a function is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "build": "distann.build.driver",
+    "open_index": "distann.search.index",
+    "Index": "distann.search.index",
+    "kmeans": "distann.train.api",
+    "KMeansResult": "distann.train.kmeans",
+    "open_source": "distann.sources",
+    "brute_force_knn": "distann.evaluation",
+    "recall_at_k": "distann.evaluation",
+    "sweep_nprobe": "distann.evaluation",
+    "DistannError": "distann.errors",
+    "ValidationError": "distann.errors",
+    "IndexFormatError": "distann.errors",
+    "IndexExistsError": "distann.errors",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'distann' has no attribute {name!r}")
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from distann.build.driver import build
+    from distann.errors import DistannError, IndexExistsError, IndexFormatError, ValidationError
+    from distann.evaluation import brute_force_knn, recall_at_k, sweep_nprobe
+    from distann.search.index import Index, open_index
+    from distann.sources import open_source
+    from distann.train.api import kmeans
+    from distann.train.kmeans import KMeansResult

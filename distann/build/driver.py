@@ -1,0 +1,231 @@
+"""``distann.build``: the Dask driver that turns the build plan into tasks.
+
+Stages, each resumable (a rerun of the same build skips what has a done marker)::
+
+    validate (no task) -> scan + sample (read-only tasks: NaN/Inf, id checks)
+    -> train (distributed k-means) -> add (shard over ids, staging) -> merge (shard over lists)
+    -> commit (one atomic manifest write) -> clean up staging and the previous generation
+
+Everything a build writes lives under a fresh generation folder ``g<N>/``; the committed
+index (generation N-1) is never touched before the new manifest is in place, so a build
+killed at any point leaves the previous index readable.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import os
+import time
+from datetime import datetime, timezone
+
+import numpy as np
+
+from distann import config
+from distann._progress import wait_all
+from distann.build.plan import ChunkTask, build_key, plan_chunks, plan_shards
+from distann.build.tasks import (AddContext, add_chunk, first_duplicate, merge_shard, read_array,
+                                 scan_ids, split_sorted, write_small_array)
+from distann.cluster import client_context
+from distann.codecs import check_metric, make_codec, parse_spec
+from distann.errors import IndexExistsError, IndexFormatError, ValidationError
+from distann.store.location import Location
+from distann.store.manifest import FORMAT_VERSION, Manifest, ShardEntry, manifest_exists, read_manifest, write_manifest
+from distann.train.api import check_positive_int, check_train_params, collect_sample
+from distann.train.kmeans import tree_reduce, train_on_blocks
+
+log = logging.getLogger(__name__)
+
+
+def _add_counts(a, b):
+    return a[0] + b[0], a[1] + b[1]
+
+
+def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2", ids=None, client=None, *,
+          overwrite: bool = False, niter: int = 25, seed: int = 1234, init: str = "k-means||",
+          max_points_per_centroid: int = 256, chunk_rows: int | None = None, shard_bytes: int | None = None,
+          column: str | None = None, ids_column: str | None = None, storage_options: dict | None = None,
+          workers: int | None = None, scheduler: str | None = None, progress: bool = False):
+    """Build an IVF index of ``source`` at ``index_url`` and return it opened.
+
+    ``source``: URL (npy, fvecs/bvecs, zarr, parquet, directory or glob), a VectorSource or a
+    2-D array. ``ids``: optional int64 ids (URL or array), one per vector, unique and >= 0;
+    default: sequential ids 0..n-1. ``client``: a ``distributed.Client``; with none, an embedded
+    LocalCluster (``workers`` processes, default one per core) is started and closed, or
+    ``scheduler`` is joined. Every parameter is validated before any task is scheduled.
+    """
+    from distann.sources import as_ids, as_source
+
+    ispec = parse_spec(spec)
+    check_metric(metric)
+    check_train_params(niter, init, seed, max_points_per_centroid)
+    if not isinstance(overwrite, bool):
+        raise ValidationError("overwrite", overwrite, "True or False")
+    chunk_rows = check_positive_int("chunk_rows", chunk_rows if chunk_rows is not None else config.get("build.chunk-rows"))
+    shard_bytes = check_positive_int("shard_bytes", shard_bytes if shard_bytes is not None else config.get("build.shard-bytes"))
+    if not isinstance(index_url, (str, os.PathLike)) or not str(index_url):
+        raise ValidationError("index_url", index_url, "a non-empty path or URL")
+    src = as_source(source, column=column, storage_options=storage_options)
+    ids_src = None
+    if ids is not None:
+        ids_src = as_ids(ids, column=ids_column, storage_options=storage_options)
+        if ids_src.n != src.n:
+            raise ValidationError("ids", f"{ids_src.n} ids", f"exactly one id per vector ({src.n})")
+    if ispec.nlist > src.n:
+        raise ValidationError("spec", spec, f"nlist ({ispec.nlist}) at most the number of training vectors ({src.n})")
+    loc = Location(str(index_url), dict(storage_options or {}))
+    committed = _committed_generation(loc, overwrite)
+    codec = make_codec(ispec.codec, src.d)
+    key = build_key(source=src.fingerprint, ids=getattr(ids_src, "fingerprint", None), spec=str(ispec),
+                    metric=metric, niter=niter, seed=seed, init=init, mppc=max_points_per_centroid,
+                    chunk_rows=chunk_rows, shard_bytes=shard_bytes, format=FORMAT_VERSION)
+    gen = f"g{committed + 1:06d}"
+    chunks = plan_chunks(src.n, chunk_rows)
+    ctx = AddContext(loc, gen, ispec.nlist, metric, ispec.codec, src.d)
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+    with client_context(workers=workers, scheduler=scheduler, client=client) as c:
+        _check_process_local(c, loc, src)
+        resumed = _resumable(loc, gen, key)
+        # ---- train (or reuse the centroids of an interrupted run of the same build)
+        t0 = time.perf_counter()
+        if resumed and loc.exists(f"{gen}/quantizer/DONE"):
+            centroids = read_array(loc, f"{gen}/quantizer/centroids")
+            objective = loc.read_json(f"{gen}/quantizer/DONE")["objective"]
+            log.info("resuming build %s: reusing trained centroids", key)
+        else:
+            n_sample = min(src.n, max_points_per_centroid * ispec.nlist)
+            blocks, sizes, _ = collect_sample(c, src, chunks, n_sample, seed, metric == "cosine", progress)
+            if ids_src is not None:
+                _check_ids(c, ids_src, chunks, progress)
+            timings["scan_s"] = time.perf_counter() - t0
+            if not resumed:
+                _start_generation(loc, gen, key)
+            km = train_on_blocks(c, blocks, sizes, ispec.nlist, niter=niter, spherical=metric != "l2",
+                                 init=init, seed=seed, progress=progress)
+            del blocks
+            centroids, objective = km.centroids, km.objective
+            write_small_array(loc, f"{gen}/quantizer/centroids", centroids)
+            loc.write_json(f"{gen}/quantizer/DONE", {"objective": objective})
+        timings["train_s"] = time.perf_counter() - t0
+        # ---- add: shard over ids
+        t0 = time.perf_counter()
+        cf = c.scatter(centroids, broadcast=True)
+        adds = [c.submit(add_chunk, ctx, ch, src, ids_src, cf, pure=False) for ch in chunks]
+        wait_all(adds, "add", progress)
+        list_sizes, skipped_chunks = tree_reduce(
+            c, [c.submit(_as_pair, f, pure=False) for f in adds], _add_counts).result()
+        del adds
+        timings["add_s"] = time.perf_counter() - t0
+        # ---- merge: shard over lists
+        t0 = time.perf_counter()
+        shards = plan_shards(list_sizes, codec.code_size, shard_bytes)
+        merged = wait_all([c.submit(merge_shard, ctx, sh, chunks, pure=False) for sh in shards], "merge", progress)
+        timings["merge_s"] = time.perf_counter() - t0
+    # ---- commit
+    t0 = time.perf_counter()
+    write_small_array(loc, f"{gen}/quantizer/list_sizes", list_sizes.astype(np.int64))
+    entries = []
+    for sh, (ntotal, checksum, _) in zip(shards, merged):
+        if ntotal != sh.ntotal:
+            raise IndexFormatError(f"{loc.url}: shard {sh.name} has {ntotal} vectors, planned {sh.ntotal}")
+        entries.append(ShardEntry(sh.name, f"{gen}/shards/{sh.name}", sh.list_start, sh.list_stop, ntotal, checksum))
+    manifest = Manifest(
+        generation=committed + 1, build_key=key, spec=str(ispec), metric=metric, d=src.d, nlist=ispec.nlist,
+        ntotal=int(src.n), codec=codec.params(), centroids=f"{gen}/quantizer/centroids",
+        list_sizes=f"{gen}/quantizer/list_sizes", shards=tuple(entries),
+        build={"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "source": src.url,
+               "source_fingerprint": src.fingerprint, "ids": getattr(ids_src, "url", None),
+               "niter": niter, "seed": seed, "init": init, "max_points_per_centroid": max_points_per_centroid,
+               "chunk_rows": chunk_rows, "shard_bytes": shard_bytes, "objective": objective,
+               "resumed_chunks": int(skipped_chunks), "resumed_shards": int(sum(m[2] for m in merged)),
+               "timings": {k: round(v, 3) for k, v in timings.items()}})
+    write_manifest(loc, manifest)
+    timings["commit_s"] = time.perf_counter() - t0
+    log.info("committed %s: %d vectors, %d lists, %d shards in %.1f s", loc.url, src.n, ispec.nlist,
+             len(entries), time.perf_counter() - t_start)
+    _cleanup(loc, gen)
+    from distann.search.index import open_index
+
+    return open_index(loc.url, storage_options=storage_options)
+
+
+def _as_pair(result) -> tuple[np.ndarray, int]:
+    counts, skipped = result
+    return counts.astype(np.int64), int(skipped)
+
+
+def _committed_generation(loc: Location, overwrite: bool) -> int:
+    """Generation number of the committed index at ``loc`` (0 if none); refuse it unless overwrite."""
+    if not manifest_exists(loc):
+        return 0
+    try:
+        manifest = read_manifest(loc)
+    except IndexFormatError as exc:
+        if not overwrite:
+            raise IndexExistsError(f"{loc.url}: holds an unreadable index ({exc}); pass overwrite=True "
+                                   "(--overwrite) to replace it") from exc
+        return max([int(n[1:]) for n in loc.list_dir("") if n[:1] == "g" and n[1:].isdigit()] or [0])
+    if not overwrite:
+        raise IndexExistsError(f"{loc.url}: an index is already committed there ({manifest.ntotal} vectors, "
+                               f"{manifest.spec}); pass overwrite=True (--overwrite) to replace it")
+    return manifest.generation
+
+
+def _resumable(loc: Location, gen: str, key: str) -> bool:
+    """True when generation ``gen`` holds an interrupted run of the same build."""
+    marker = f"{gen}/BUILD.json"
+    return loc.exists(marker) and loc.read_json(marker).get("build_key") == key
+
+
+def _start_generation(loc: Location, gen: str, key: str) -> None:
+    """Clear whatever an interrupted, different build left in ``gen`` and mark it as ours."""
+    loc.remove(gen)
+    loc.write_json(f"{gen}/BUILD.json",
+                   {"build_key": key, "started": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+
+
+def _cleanup(loc: Location, gen: str) -> None:
+    """After commit: staging and every other generation are garbage (writers may list, readers never)."""
+    loc.remove(f"{gen}/staging")
+    for name in loc.list_dir(""):
+        if name != gen and name[:1] == "g" and name[1:].isdigit():
+            loc.remove(name)
+
+
+def _check_process_local(client, loc: Location, src) -> None:
+    """memory:// lives inside one process: refuse it when workers are other processes."""
+    pids = set(client.run(os.getpid).values())
+    if pids == {os.getpid()}:
+        return
+    if loc.is_process_local:
+        raise ValidationError("index_url", loc.url, "a path or URL every worker process can reach "
+                              "(memory:// exists only in one process; use a threads-only cluster for it)")
+    if str(getattr(src, "url", "")).startswith("memory://"):
+        raise ValidationError("source", src.url, "a path or URL every worker process can reach "
+                              "(memory:// exists only in one process)")
+
+
+def _check_ids(client, ids_src, chunks: tuple[ChunkTask, ...], progress: bool) -> None:
+    """Ids must be >= 0 and unique: per-chunk checks, then a distributed range-partitioned
+    duplicate search only when chunk id ranges overlap."""
+    futs = [client.submit(scan_ids, ids_src, ch.start, ch.stop, pure=False) for ch in chunks]
+    stats = [r[0] for r in wait_all(futs, "ids", progress)]
+    nneg = sum(s["neg"] for s in stats)
+    if nneg:
+        first = min(s["first_neg"] for s in stats if s["neg"])
+        raise ValidationError("ids", f"{nneg} negative id(s), first at row {first}", "ids >= 0")
+    ranges = sorted((s["min"], s["max"]) for s in stats if s["max"] >= s["min"])
+    overlap = any(b[0] <= a[1] for a, b in zip(ranges, ranges[1:]))
+    if not overlap and not any(s["dup"] for s in stats):
+        return
+    qs = np.sort(np.concatenate([s["quantiles"] for s in stats]))
+    bounds = np.unique(qs[np.linspace(0, len(qs) - 1, len(chunks) + 1).astype(int)[1:-1]])
+    sorted_f = [client.submit(operator.getitem, f, 1, pure=False) for f in futs]
+    pieces = [client.submit(split_sorted, f, bounds, pure=False) for f in sorted_f]
+    buckets = [client.submit(first_duplicate, *[client.submit(operator.getitem, p, b, pure=False) for p in pieces],
+                             pure=False) for b in range(len(bounds) + 1)]
+    found = [r for r in client.gather(buckets) if r[0]]
+    if found:
+        raise ValidationError("ids", f"{sum(r[0] for r in found)} duplicate id(s), e.g. {found[0][1]}",
+                              "unique ids (each id at most once)")

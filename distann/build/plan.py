@@ -1,0 +1,94 @@
+"""Pure planning of a build: which rows go to which add task, which lists form which shard.
+
+No I/O and no Dask here: these functions are tested on their own, and the driver only turns
+their output into tasks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ChunkTask:
+    """Rows ``[start, stop)`` of the source: one shard-over-ids add task and one staging output."""
+
+    index: int
+    start: int
+    stop: int
+
+    @property
+    def name(self) -> str:
+        return f"c{self.index:06d}"
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """Lists ``[list_start, list_stop)``: one shard-over-lists merge task and one shard."""
+
+    index: int
+    list_start: int
+    list_stop: int
+    ntotal: int
+
+    @property
+    def name(self) -> str:
+        return f"s{self.index:06d}"
+
+
+def plan_chunks(n: int, chunk_rows: int) -> tuple[ChunkTask, ...]:
+    """Split ``n`` rows into consecutive chunks of ``chunk_rows`` (the last may be shorter)."""
+    if n < 0 or chunk_rows < 1:
+        raise ValueError(f"plan_chunks: n={n}, chunk_rows={chunk_rows}")
+    return tuple(ChunkTask(i, s, min(n, s + chunk_rows)) for i, s in enumerate(range(0, n, chunk_rows)))
+
+
+def plan_shards(list_sizes: np.ndarray, code_size: int, shard_bytes: int) -> tuple[ShardTask, ...]:
+    """Group consecutive lists into shards of about ``shard_bytes`` of codes + ids each.
+
+    Balanced by bytes, not by list count: a shard closes as soon as it reaches the target, and
+    every shard holds at least one list, so one huge list makes a shard of its own.
+    """
+    row_bytes = code_size + 8
+    shards: list[ShardTask] = []
+    start, acc, count = 0, 0, 0
+    nlist = len(list_sizes)
+    for lst in range(nlist):
+        size = int(list_sizes[lst])
+        acc += size * row_bytes
+        count += size
+        if acc >= shard_bytes or lst == nlist - 1:
+            shards.append(ShardTask(len(shards), start, lst + 1, count))
+            start, acc, count = lst + 1, 0, 0
+    return tuple(shards)
+
+
+def list_order(assign: np.ndarray, nlist: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stable permutation sorting rows by list, and offsets (nlist + 1) of each list in it."""
+    order = np.argsort(assign, kind="stable")
+    offsets = np.zeros(nlist + 1, dtype=np.int64)
+    np.cumsum(np.bincount(assign, minlength=nlist), out=offsets[1:])
+    return order, offsets
+
+
+def chunk_rows_for_codes(code_size: int, target_bytes: int = 1 << 20) -> int:
+    """Rows per Zarr chunk of a codes array: a power of two near ``target_bytes`` (>= 256 rows).
+
+    Small chunks let a search read little more than the probed lists.
+    """
+    rows = max(1, target_bytes // max(1, code_size))
+    return max(256, 1 << (int(rows).bit_length() - 1))
+
+
+def build_key(**inputs) -> str:
+    """A stable hash of everything that determines the built index (used to resume)."""
+    blob = json.dumps(inputs, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:24]

@@ -1,0 +1,34 @@
+"""Exceptions raised by distann.
+
+Every error raised at the API boundary names the parameter, the value received and
+what is allowed, so a user can fix the call without reading the source.
+"""
+
+from __future__ import annotations
+
+
+class DistannError(Exception):
+    """Base class of every distann error."""
+
+
+class ValidationError(DistannError, ValueError):
+    """A parameter or an input failed validation before any work was scheduled."""
+
+    def __init__(self, param: str, received: object, allowed: str):
+        self.param = param
+        self.received = received
+        self.allowed = allowed
+        super().__init__(f"{param}: received {_short(received)}; {allowed}")
+
+
+class IndexFormatError(DistannError):
+    """An index cannot be read: no committed manifest, corrupt, or a newer format version."""
+
+
+class IndexExistsError(DistannError, FileExistsError):
+    """A committed index already exists at the destination and overwrite was not asked for."""
+
+
+def _short(value: object, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,1 @@
+"""Search: the opened Index, list-major planning, list reading and boundary checks."""

@@ -1,0 +1,82 @@
+"""Boundary checks of search calls: each error names the parameter, the value and what is allowed."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from distann.errors import ValidationError
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def check_queries(xq: object, d: int) -> np.ndarray:
+    """A C-contiguous float32 (nq, d) array. float32 and float64 are accepted (float64 is
+    converted, as every float index does); other dtypes, other shapes and NaN/Inf are refused."""
+    arr = np.asarray(xq) if not isinstance(xq, np.ndarray) else xq
+    if arr.dtype.kind != "f" or arr.dtype not in (np.float32, np.float64):
+        raise ValidationError("xq", f"array of dtype {arr.dtype}", "float32 (or float64) queries")
+    if arr.ndim != 2 or arr.shape[1] != d:
+        raise ValidationError("xq", f"array of shape {arr.shape}",
+                              f"a 2-D array of shape (nq, {d}) (for one query use xq[None, :])")
+    finite = np.isfinite(arr)
+    if not finite.all():
+        bad_rows = np.flatnonzero(~finite.all(axis=1))
+        raise ValidationError("xq", f"{int((~finite).sum())} NaN/Inf value(s), first in query row {bad_rows[0]}",
+                              "finite query vectors")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def check_k(k: object) -> int:
+    if not _is_int(k) or k < 1:
+        raise ValidationError("k", k, "a positive integer")
+    return int(k)
+
+
+def check_nprobe(nprobe: object, nlist: int) -> int:
+    """1 <= nprobe <= nlist. Unlike Faiss, a larger nprobe is an error, not a silent clamp."""
+    if not _is_int(nprobe) or not 1 <= nprobe <= nlist:
+        raise ValidationError("nprobe", nprobe, f"an integer in [1, nlist={nlist}]")
+    return int(nprobe)
+
+
+def check_max_codes(max_codes: object) -> int | None:
+    if max_codes is None:
+        return None
+    if not _is_int(max_codes) or max_codes < 1:
+        raise ValidationError("max_codes", max_codes, "a positive integer or None (no limit)")
+    return int(max_codes)
+
+
+def check_radius(radius: object, metric: str) -> float:
+    if isinstance(radius, (bool, np.bool_)) or not isinstance(radius, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(radius):
+        raise ValidationError("radius", radius, "a finite number")
+    if metric == "l2" and radius < 0:
+        raise ValidationError("radius", radius, "a squared L2 distance >= 0 for an l2 index")
+    return float(radius)
+
+
+def ids_mask(ids: np.ndarray, allowed: object) -> np.ndarray:
+    """uint8 mask over ``ids``: 1 where the id is allowed.
+
+    ``allowed`` is either an integer array of ids, or a bool array used as a bitmap indexed by
+    id (ids beyond its length are not allowed).
+    """
+    if not isinstance(allowed, np.ndarray) or allowed.ndim != 1 or allowed.dtype.kind not in "biu":
+        what = f"array of dtype {allowed.dtype}, shape {allowed.shape}" if isinstance(allowed, np.ndarray) \
+            else type(allowed).__name__
+        raise ValidationError("ids_allowed", what, "a 1-D numpy array of int ids, or a 1-D bool bitmap indexed by id")
+    if allowed.dtype.kind == "b":
+        inside = ids < len(allowed)
+        mask = np.zeros(len(ids), dtype=bool)
+        mask[inside] = allowed[ids[inside]]
+    else:
+        mask = np.isin(ids, allowed)
+    return mask.astype(np.uint8)
+
+
+def check_ids_allowed(allowed: object) -> None:
+    if allowed is not None:
+        ids_mask(np.empty(0, np.int64), allowed)

@@ -1,0 +1,112 @@
+"""Where an index lives: a URL resolved through fsspec, with the few file operations we need.
+
+``Location`` is picklable (it keeps the URL and storage options, not an open filesystem),
+so build tasks can carry it to worker processes and reopen it there.
+
+Atomic writes: on a local filesystem a file is written under a temporary name and renamed
+into place (``os.replace`` is atomic); on object stores a single PUT is already atomic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import fsspec
+import zarr
+from zarr.storage import FsspecStore, LocalStore
+
+
+@dataclass(frozen=True)
+class Location:
+    """A root URL plus storage options; every path below is relative to the root."""
+
+    url: str
+    storage_options: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @cached_property
+    def _fs_root(self) -> tuple[fsspec.AbstractFileSystem, str]:
+        fs, root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        return fs, root.rstrip("/") if root != "/" else root
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"url": self.url, "storage_options": self.storage_options}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        object.__setattr__(self, "url", state["url"])
+        object.__setattr__(self, "storage_options", state["storage_options"])
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        return self._fs_root[0]
+
+    @property
+    def root(self) -> str:
+        return self._fs_root[1]
+
+    @property
+    def is_local(self) -> bool:
+        protocol = self.fs.protocol
+        protocols = (protocol,) if isinstance(protocol, str) else tuple(protocol)
+        return "file" in protocols or "local" in protocols
+
+    @property
+    def is_process_local(self) -> bool:
+        """True for ``memory://``: the data exists only in the process that wrote it."""
+        protocol = self.fs.protocol
+        protocols = (protocol,) if isinstance(protocol, str) else tuple(protocol)
+        return "memory" in protocols
+
+    def path(self, rel: str) -> str:
+        return posixpath.join(self.root, rel) if rel else self.root
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self.path(rel))
+
+    def read_bytes(self, rel: str, start: int | None = None, end: int | None = None) -> bytes:
+        return self.fs.cat_file(self.path(rel), start=start, end=end)
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write a whole file atomically (temporary name then rename on local disks)."""
+        target = self.path(rel)
+        parent = posixpath.dirname(target)
+        if self.is_local:
+            os.makedirs(parent, exist_ok=True)
+            tmp = f"{target}.tmp-{uuid.uuid4().hex}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        else:
+            self.fs.makedirs(parent, exist_ok=True)
+            self.fs.pipe_file(target, data)
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.read_bytes(rel))
+
+    def write_json(self, rel: str, obj: Any) -> None:
+        self.write_bytes(rel, json.dumps(obj, indent=1, sort_keys=True).encode())
+
+    def remove(self, rel: str) -> None:
+        """Remove a file or a whole folder; missing paths are fine."""
+        target = self.path(rel)
+        if self.fs.exists(target):
+            self.fs.rm(target, recursive=True)
+
+    def list_dir(self, rel: str) -> list[str]:
+        """Names directly under ``rel`` (writers only: readers never list, see docs/FORMAT.md)."""
+        target = self.path(rel)
+        if not self.fs.exists(target):
+            return []
+        return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(target, detail=False))
+
+    def zarr_store(self, read_only: bool = False) -> zarr.abc.store.Store:
+        if self.is_local:
+            return LocalStore(self.root, read_only=read_only)
+        return FsspecStore.from_url(self.url, storage_options=self.storage_options or None, read_only=read_only)

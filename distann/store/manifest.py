@@ -1,0 +1,120 @@
+"""The manifest: the one file whose atomic write commits an index.
+
+Readers find every array through the manifest and never list directories. A URL without a
+manifest holds no index; a manifest with a newer format version is refused. The layout is
+documented in ``docs/FORMAT.md``; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from distann.errors import IndexFormatError
+from distann.store.location import Location
+
+FORMAT_NAME = "distann-ivf"
+FORMAT_VERSION = 1
+MANIFEST_PATH = "manifest.json"
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """One list-range shard: lists ``[list_start, list_stop)`` stored under ``path``."""
+
+    name: str
+    path: str
+    list_start: int
+    list_stop: int
+    ntotal: int
+    checksum: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything a reader needs to open an index. Serialized as ``manifest.json``."""
+
+    generation: int
+    build_key: str
+    spec: str
+    metric: str
+    d: int
+    nlist: int
+    ntotal: int
+    codec: dict[str, Any]
+    centroids: str
+    list_sizes: str
+    shards: tuple[ShardEntry, ...]
+    build: dict[str, Any] = field(default_factory=dict)
+    format: str = FORMAT_NAME
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["shards"] = [asdict(s) for s in self.shards]
+        return out
+
+    @classmethod
+    def from_json(cls, obj: Any, url: str) -> "Manifest":
+        if not isinstance(obj, dict):
+            raise IndexFormatError(f"{url}: manifest is not a JSON object")
+        if obj.get("format") != FORMAT_NAME:
+            raise IndexFormatError(f"{url}: manifest format is {obj.get('format')!r}, expected {FORMAT_NAME!r}")
+        version = obj.get("format_version")
+        if not isinstance(version, int):
+            raise IndexFormatError(f"{url}: manifest has no integer format_version")
+        if version > FORMAT_VERSION:
+            raise IndexFormatError(
+                f"{url}: index format version {version} is newer than this distann reads "
+                f"(up to {FORMAT_VERSION}); upgrade distann")
+        try:
+            shards = tuple(ShardEntry(**s) for s in obj["shards"])
+            fields = {k: obj[k] for k in cls.__dataclass_fields__ if k != "shards" and k in obj}
+            manifest = cls(shards=shards, **fields)
+        except (KeyError, TypeError) as exc:
+            raise IndexFormatError(f"{url}: manifest is missing or has malformed fields ({exc})") from exc
+        manifest._check(url)
+        return manifest
+
+    def _check(self, url: str) -> None:
+        problems = []
+        if self.d <= 0 or self.nlist <= 0 or self.ntotal < 0:
+            problems.append(f"d={self.d}, nlist={self.nlist}, ntotal={self.ntotal}")
+        expected = 0
+        for s in self.shards:
+            if s.list_start != expected or s.list_stop <= s.list_start:
+                problems.append(f"shard {s.name} covers lists [{s.list_start}, {s.list_stop}), expected start {expected}")
+            expected = s.list_stop
+        if expected != self.nlist:
+            problems.append(f"shards cover lists [0, {expected}) but nlist is {self.nlist}")
+        if sum(s.ntotal for s in self.shards) != self.ntotal:
+            problems.append("shard sizes do not add up to ntotal")
+        if problems:
+            raise IndexFormatError(f"{url}: corrupt manifest: " + "; ".join(problems))
+
+
+def read_manifest(loc: Location) -> Manifest:
+    """Read and check the committed manifest at ``loc``; IndexFormatError if there is none or it is bad."""
+    try:
+        raw = loc.read_bytes(MANIFEST_PATH)
+    except FileNotFoundError:
+        raise IndexFormatError(
+            f"{loc.url}: no committed index (no {MANIFEST_PATH}); a build that did not finish leaves "
+            "none — rerun it to resume") from None
+    except (IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+        raise IndexFormatError(f"{loc.url}: cannot read {MANIFEST_PATH}: {exc}") from exc
+    try:
+        obj = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise IndexFormatError(f"{loc.url}: {MANIFEST_PATH} is not valid JSON ({exc})") from exc
+    return Manifest.from_json(obj, loc.url)
+
+
+def manifest_exists(loc: Location) -> bool:
+    return loc.exists(MANIFEST_PATH)
+
+
+def write_manifest(loc: Location, manifest: Manifest) -> None:
+    """The commit: one atomic write of ``manifest.json``."""
+    loc.write_json(MANIFEST_PATH, manifest.to_json())

@@ -1,0 +1,1 @@
+"""Training: the first-pass sampler and distributed k-means."""

@@ -1,0 +1,78 @@
+"""``distann.kmeans``: distributed k-means on a vector source, on its own."""
+
+from __future__ import annotations
+
+import logging
+import operator
+
+import numpy as np
+
+from distann import config
+from distann._progress import wait_all
+from distann.build.plan import plan_chunks
+from distann.cluster import client_context
+from distann.errors import ValidationError
+from distann.train.kmeans import INITS, KMeansResult, train_on_blocks
+from distann.train.sampling import ChunkScan, raise_if_nonfinite, sample_row_ids, scan_chunk
+
+log = logging.getLogger(__name__)
+
+
+def check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValidationError(name, value, "a positive integer")
+    return int(value)
+
+
+def check_train_params(niter: object, init: object, seed: object, max_points_per_centroid: object) -> None:
+    check_positive_int("niter", niter)
+    check_positive_int("max_points_per_centroid", max_points_per_centroid)
+    if init not in INITS:
+        raise ValidationError("init", init, f"one of {list(INITS)}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValidationError("seed", seed, "an integer")
+
+
+def collect_sample(client, source, chunks, n_sample: int, seed: int, normalize: bool,
+                   progress: bool) -> tuple[list, np.ndarray, list[ChunkScan]]:
+    """First pass: check every value is finite and leave a uniform sample on the workers.
+
+    Returns (sample block futures, block sizes, per-chunk scans). Raises ValidationError on
+    NaN/Inf before anything is written.
+    """
+    rows = sample_row_ids(source.n, n_sample, seed)
+    rows_f = client.scatter(rows, broadcast=True)
+    futs = [client.submit(scan_chunk, source, c.start, c.stop, rows_f, normalize, pure=False) for c in chunks]
+    scans = [f[0] for f in wait_all(futs, "scan", progress)]
+    raise_if_nonfinite(scans)
+    blocks = [client.submit(operator.getitem, f, 1, pure=False) for f in futs]
+    sizes = np.array([np.count_nonzero((rows >= c.start) & (rows < c.stop)) for c in chunks], dtype=np.int64)
+    return blocks, sizes, scans
+
+
+def kmeans(source, k: int, *, niter: int = 25, metric: str = "l2", init: str = "k-means||", seed: int = 1234,
+           max_points_per_centroid: int = 256, client=None, workers: int | None = None,
+           scheduler: str | None = None, column: str | None = None, storage_options: dict | None = None,
+           chunk_rows: int | None = None, progress: bool = False) -> KMeansResult:
+    """Distributed k-means of ``source`` (URL, VectorSource or 2-D array) into ``k`` centroids.
+
+    Trains on an unbiased sample of at most ``max_points_per_centroid * k`` rows (Faiss's rule)
+    with ``niter`` Lloyd iterations. ``metric`` "l2" is ordinary k-means; "ip" is spherical
+    k-means (centroids normalized each iteration); "cosine" also normalizes the data.
+    """
+    from distann.codecs import check_metric
+    from distann.sources import as_source
+
+    k = check_positive_int("k", k)
+    check_metric(metric)
+    check_train_params(niter, init, seed, max_points_per_centroid)
+    chunk_rows = check_positive_int("chunk_rows", chunk_rows if chunk_rows is not None else config.get("build.chunk-rows"))
+    src = as_source(source, column=column, storage_options=storage_options)
+    if src.n < k:
+        raise ValidationError("k", k, f"at most the number of vectors in the source ({src.n})")
+    n_sample = min(src.n, max_points_per_centroid * k)
+    with client_context(workers=workers, scheduler=scheduler, client=client) as c:
+        blocks, sizes, _ = collect_sample(c, src, plan_chunks(src.n, chunk_rows), n_sample, seed,
+                                          metric == "cosine", progress)
+        return train_on_blocks(c, blocks, sizes, k, niter=niter, spherical=metric != "l2",
+                               init=init, seed=seed, progress=progress)

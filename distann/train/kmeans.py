@@ -1,0 +1,280 @@
+"""Distributed k-means on Dask: the coarse quantizer, also usable on its own.
+
+The training sample lives on the workers as blocks (futures). Every Lloyd iteration is a
+map-reduce: each block returns its per-centroid (sums, counts, objective), partials are
+added pairwise on the workers (a tree reduction), and only the final k x d sums reach the
+client, which updates the centroids and splits empty clusters the way Faiss does.
+
+Initialization: ``random`` (k distinct sample points, as Faiss), ``k-means++`` (D^2 seeding
+on a uniform subsample of at most 32 k points gathered to the client) or ``k-means||``
+(Bahmani et al.: a few distributed oversampling rounds, then weighted k-means++ on the
+candidates on the client). Everything is seeded: the same data, chunking and seed give the
+same centroids.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from distann.errors import ValidationError
+
+log = logging.getLogger(__name__)
+
+INITS = ("k-means||", "k-means++", "random")
+MIN_POINTS_PER_CENTROID = 39
+_SUB = 8192            # rows per distance sub-block: caps a (rows x k) float32 matrix at 8192 * k * 4 bytes
+_SPLIT_EPS = 1.0 / 1024.0
+_KPAR_ROUNDS = 5
+_KPP_SUBSAMPLE = 32    # k-means++ seeds on at most this many points per centroid
+
+
+class TrainingWarning(UserWarning):
+    """Training proceeds but its result may be poor (e.g. too few points per centroid)."""
+
+
+@dataclass
+class KMeansResult:
+    """Trained centroids and the objective of every iteration.
+
+    The objective is the sum of squared distances of sample points to their centroid (l2)
+    or the sum of their inner products with it (ip / spherical), as in ``faiss.Kmeans.obj``.
+    """
+
+    centroids: np.ndarray
+    objective: list[float] = field(default_factory=list)
+    counts: np.ndarray | None = None
+    n_sample: int = 0
+    init: str = "k-means||"
+    seed: int = 0
+
+
+# ---------------------------------------------------------------- worker-side block functions
+
+def _scores(x: np.ndarray, c: np.ndarray, c_norms: np.ndarray, spherical: bool) -> np.ndarray:
+    """Ranking scores, smaller is better: ||c||^2 - 2<x, c> (l2) or -<x, c> (ip)."""
+    dots = x @ c.T
+    if spherical:
+        return -dots
+    dots *= -2.0
+    dots += c_norms
+    return dots
+
+
+def block_stats(block: np.ndarray, centroids: np.ndarray, spherical: bool):
+    """Per-centroid (sums float64 (k, d), counts int64 (k,), objective) of one sample block.
+
+    Peak memory: a (8192 x k) float32 score matrix plus one sorted copy of a sub-block.
+    """
+    k, d = centroids.shape
+    sums = np.zeros((k, d), dtype=np.float64)
+    counts = np.zeros(k, dtype=np.int64)
+    obj = 0.0
+    c_norms = np.einsum("ij,ij->i", centroids, centroids)
+    for s in range(0, len(block), _SUB):
+        x = block[s:s + _SUB]
+        sc = _scores(x, centroids, c_norms, spherical)
+        a = np.argmin(sc, axis=1)
+        best = sc[np.arange(len(x)), a].astype(np.float64)
+        if spherical:
+            obj += float(-best.sum())
+        else:
+            obj += float(np.maximum(best + np.einsum("ij,ij->i", x, x, dtype=np.float64), 0).sum())
+        order = np.argsort(a, kind="stable")
+        labels, starts = np.unique(a[order], return_index=True)
+        sums[labels] += np.add.reduceat(x[order].astype(np.float64), starts, axis=0)
+        counts += np.bincount(a, minlength=k)
+    return sums, counts, obj
+
+
+def add_stats(a, b):
+    return a[0] + b[0], a[1] + b[1], a[2] + b[2]
+
+
+def take_rows(block: np.ndarray, local: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(block[local])
+
+
+def _min_sqdist(x: np.ndarray, c: np.ndarray) -> np.ndarray:
+    out = np.empty(len(x), dtype=np.float32)
+    c_norms = np.einsum("ij,ij->i", c, c)
+    for s in range(0, len(x), _SUB):
+        xs = x[s:s + _SUB]
+        sc = _scores(xs, c, c_norms, False).min(axis=1) + np.einsum("ij,ij->i", xs, xs)
+        out[s:s + _SUB] = np.maximum(sc, 0)
+    return out
+
+
+def kpar_update(block: np.ndarray, new_centers: np.ndarray, mind: np.ndarray | None) -> np.ndarray:
+    d2 = _min_sqdist(block, new_centers) if len(new_centers) else np.full(len(block), np.inf, np.float32)
+    return d2 if mind is None else np.minimum(mind, d2)
+
+
+def kpar_pick(block: np.ndarray, mind: np.ndarray, ell: float, phi: float, seed) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    p = np.minimum(1.0, ell * mind.astype(np.float64) / phi) if phi > 0 else np.zeros(len(mind))
+    return np.ascontiguousarray(block[rng.random(len(block)) < p])
+
+
+def kpar_weights(block: np.ndarray, cand: np.ndarray) -> np.ndarray:
+    counts = np.zeros(len(cand), dtype=np.int64)
+    c_norms = np.einsum("ij,ij->i", cand, cand)
+    for s in range(0, len(block), _SUB):
+        counts += np.bincount(np.argmin(_scores(block[s:s + _SUB], cand, c_norms, False), axis=1),
+                              minlength=len(cand))
+    return counts
+
+
+def _sum(x: np.ndarray) -> float:
+    return float(x.sum(dtype=np.float64))
+
+
+# ---------------------------------------------------------------- client-side pieces
+
+def tree_reduce(client, futures: list, fn, fan_in: int = 2):
+    """Reduce futures pairwise on the workers; returns one future."""
+    level = list(futures)
+    while len(level) > 1:
+        nxt = []
+        for i in range(0, len(level), fan_in):
+            group = level[i:i + fan_in]
+            nxt.append(group[0] if len(group) == 1 else client.submit(fn, *group, pure=False))
+        level = nxt
+    return level[0]
+
+
+def weighted_kmeanspp(x: np.ndarray, w: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """D^2 seeding of ``k`` centers from points ``x`` with weights ``w`` (client side, O(k n d))."""
+    n = len(x)
+    w = w.astype(np.float64)
+    chosen = np.empty(k, dtype=np.int64)
+    cum = np.cumsum(w)
+    chosen[0] = min(int(np.searchsorted(cum, rng.random() * cum[-1], side="right")), n - 1)
+    d2 = ((x - x[chosen[0]]) ** 2).sum(axis=1, dtype=np.float64)
+    for i in range(1, k):
+        p = w * d2
+        total = p.sum()
+        if total <= 0:  # fewer distinct points than k: take unused points in order
+            unused = np.setdiff1d(np.arange(n), chosen[:i])
+            chosen[i] = unused[0] if len(unused) else chosen[i - 1]
+        else:
+            chosen[i] = min(int(np.searchsorted(np.cumsum(p), rng.random() * total, side="right")), n - 1)
+        d2 = np.minimum(d2, ((x - x[chosen[i]]) ** 2).sum(axis=1, dtype=np.float64))
+    return np.ascontiguousarray(x[chosen], dtype=np.float32)
+
+
+def split_empty_clusters(centroids: np.ndarray, counts: np.ndarray, rng: np.random.Generator) -> int:
+    """Faiss-style: give each empty cluster half of a donor chosen with probability ~ (size - 1).
+
+    The donor's centroid is copied and the two copies are pushed apart by multiplying
+    coordinates by (1 +/- 1/1024) with alternating signs. Works in place; returns the number split.
+    """
+    k = len(counts)
+    counts = counts.astype(np.float64)
+    nsplit = 0
+    sign = np.where(np.arange(centroids.shape[1]) % 2 == 0, 1.0, -1.0).astype(np.float32)
+    for ci in np.flatnonzero(counts == 0):
+        weights = np.maximum(counts - 1, 0)
+        if weights.sum() <= 0:
+            break
+        cj = int(rng.choice(k, p=weights / weights.sum()))
+        centroids[ci] = centroids[cj] * (1 + sign * _SPLIT_EPS)
+        centroids[cj] = centroids[cj] * (1 - sign * _SPLIT_EPS)
+        counts[ci] = np.floor(counts[cj] / 2)
+        counts[cj] -= counts[ci]
+        nsplit += 1
+    return nsplit
+
+
+def _gather_rows(client, blocks, sizes: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Rows at global sample positions (sorted), fetched from the blocks holding them."""
+    positions = np.sort(positions)
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    which = np.searchsorted(bounds, positions, side="right") - 1
+    parts = []
+    for b in np.unique(which):
+        local = positions[which == b] - bounds[b]
+        parts.append(client.submit(take_rows, blocks[b], local, pure=False))
+    return np.concatenate(client.gather(parts))
+
+
+def initialize(client, blocks, sizes: np.ndarray, k: int, init: str, seed: int) -> np.ndarray:
+    n = int(sizes.sum())
+    rng = np.random.default_rng([seed, 0x1417])
+    if init == "random":
+        return _gather_rows(client, blocks, sizes, rng.choice(n, size=k, replace=False))
+    if init == "k-means++":
+        m = min(n, _KPP_SUBSAMPLE * k)
+        pts = _gather_rows(client, blocks, sizes, rng.choice(n, size=m, replace=False))
+        return weighted_kmeanspp(pts, np.ones(m), k, rng)
+    # k-means||
+    live = [(b, s) for b, s in zip(blocks, sizes) if s > 0]
+    first = _gather_rows(client, blocks, sizes, rng.choice(n, size=1))
+    cand = [first]
+    new = client.scatter(first, broadcast=True)
+    mind = [client.submit(kpar_update, b, new, None, pure=False) for b, _ in live]
+    ell = 2.0 * k
+    for r in range(_KPAR_ROUNDS):
+        phi = sum(client.gather([client.submit(_sum, m, pure=False) for m in mind]))
+        picks = client.gather([client.submit(kpar_pick, b, m, ell, phi, [seed, 0x8A8, r, i], pure=False)
+                               for i, ((b, _), m) in enumerate(zip(live, mind))])
+        picked = np.concatenate(picks)
+        if len(picked) == 0:
+            break
+        cand.append(picked)
+        if r < _KPAR_ROUNDS - 1:
+            new = client.scatter(picked, broadcast=True)
+            mind = [client.submit(kpar_update, b, new, m, pure=False) for (b, _), m in zip(live, mind)]
+    cand_x = np.concatenate(cand)
+    if len(cand_x) < k:  # too few candidates: top up with random sample points
+        extra = _gather_rows(client, blocks, sizes, rng.choice(n, size=k - len(cand_x), replace=False))
+        cand_x = np.concatenate([cand_x, extra])
+    cf = client.scatter(cand_x, broadcast=True)
+    w = tree_reduce(client, [client.submit(kpar_weights, b, cf, pure=False) for b, _ in live], np.add).result()
+    return weighted_kmeanspp(cand_x, np.maximum(w, 0) + 1e-12, k, rng)
+
+
+def train_on_blocks(client, blocks: list, sizes: np.ndarray, k: int, *, niter: int, spherical: bool,
+                    init: str, seed: int, progress: bool = False) -> KMeansResult:
+    """Lloyd iterations over sample blocks already on the workers."""
+    n = int(sizes.sum())
+    if n < k:
+        raise ValidationError("k", k, f"at most the number of training vectors ({n})")
+    if n < MIN_POINTS_PER_CENTROID * k:
+        warnings.warn(f"k-means: {n} training points for {k} centroids is fewer than "
+                      f"{MIN_POINTS_PER_CENTROID} per centroid; the centroids may be poor",
+                      TrainingWarning, stacklevel=3)
+    centroids = initialize(client, blocks, sizes, k, init, seed)
+    if spherical:
+        centroids = _normalize(centroids)
+    rng = np.random.default_rng([seed, 0xE4])
+    objective: list[float] = []
+    counts = np.zeros(k, dtype=np.int64)
+    iters = range(niter)
+    if progress:
+        from tqdm.auto import tqdm
+        iters = tqdm(iters, desc="k-means", unit="iter")
+    for it in iters:
+        cf = client.scatter(centroids, broadcast=True)
+        parts = [client.submit(block_stats, b, cf, spherical, pure=False) for b, s in zip(blocks, sizes) if s > 0]
+        sums, counts, obj = tree_reduce(client, parts, add_stats).result()
+        objective.append(obj)
+        log.info("k-means iteration %d/%d: objective %.6g", it + 1, niter, obj)
+        nonempty = counts > 0
+        centroids = centroids.copy()
+        centroids[nonempty] = (sums[nonempty] / counts[nonempty, None]).astype(np.float32)
+        nsplit = split_empty_clusters(centroids, counts, rng)
+        if nsplit:
+            log.info("k-means iteration %d: split %d empty cluster(s)", it + 1, nsplit)
+        if spherical:
+            centroids = _normalize(centroids)
+    return KMeansResult(np.ascontiguousarray(centroids, dtype=np.float32), objective, counts, n, init, seed)
+
+
+def _normalize(c: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(c, axis=1, keepdims=True)
+    norms[norms == 0] = 1
+    return np.ascontiguousarray(c / norms, dtype=np.float32)
