@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "build": "distann.build.driver",
     "open_index": "distann.search.index",
     "Index": "distann.search.index",
     "kmeans": "distann.train.api",
@@ -27,7 +26,7 @@ _EXPORTS = {
     "IndexExistsError": "distann.errors",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = sorted([*_EXPORTS, "build", "__version__"])
 
 
 def __getattr__(name: str):
@@ -38,8 +37,19 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'distann' has no attribute {name!r}")
 
 
+# The subpackage ``distann.build`` and the function ``distann.build`` share a name: import the
+# (light) subpackage first so that the function defined below is what ``distann.build`` means.
+importlib.import_module("distann.build")
+
+
+def build(source, index_url, spec="IVF1024,Flat", metric="l2", ids=None, client=None, **options):
+    """Build an IVF index; see :func:`distann.build.driver.build` for every option."""
+    from distann.build.driver import build as _build
+
+    return _build(source, index_url, spec, metric, ids, client, **options)
+
+
 if TYPE_CHECKING:  # pragma: no cover
-    from distann.build.driver import build
     from distann.errors import DistannError, IndexExistsError, IndexFormatError, ValidationError
     from distann.evaluation import brute_force_knn, recall_at_k, sweep_nprobe
     from distann.search.index import Index, open_index

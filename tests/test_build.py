@@ -66,12 +66,13 @@ def test_full_probe_equals_brute_force(built, data, metric):
 @pytest.mark.parametrize("metric", ["l2", "ip", "cosine"])
 def test_recall_at_fixed_nprobe(built, data, metric):
     xb, xq = data
-    _, I = built[metric].search(xq, k=10, nprobe=8)
+    _, I = built[metric].search(xq, k=10, nprobe=12)
     _, gt = brute_force(xq, xb, 10, metric)
     recall = distann.recall_at_k(I, gt, 10)
-    # 8 of 32 lists on data of intrinsic dimension 12: measured ~0.95-0.99; 0.85 leaves room for
-    # seeds and platforms, and a broken assignment or scan drops far below it
-    assert recall >= 0.85, recall
+    # 12 of 32 lists: measured 0.92-0.95 for the three metrics (faiss IndexIVFFlat on the same
+    # data: 0.91-0.92); 0.88 leaves room for platform differences in k-means, while a wrong
+    # assignment or scan falls far below it
+    assert recall >= 0.88, recall
 
 
 def test_results_padded_when_fewer_than_k(built, data):

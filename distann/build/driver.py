@@ -42,7 +42,7 @@ def _add_counts(a, b):
 
 
 def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2", ids=None, client=None, *,
-          overwrite: bool = False, niter: int = 25, seed: int = 1234, init: str = "k-means||",
+          overwrite: bool = False, niter: int = 10, seed: int = 1234, init: str = "k-means||",
           max_points_per_centroid: int = 256, chunk_rows: int | None = None, shard_bytes: int | None = None,
           column: str | None = None, ids_column: str | None = None, storage_options: dict | None = None,
           workers: int | None = None, scheduler: str | None = None, progress: bool = False):
@@ -53,6 +53,7 @@ def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2"
     default: sequential ids 0..n-1. ``client``: a ``distributed.Client``; with none, an embedded
     LocalCluster (``workers`` processes, default one per core) is started and closed, or
     ``scheduler`` is joined. Every parameter is validated before any task is scheduled.
+    ``niter`` defaults to 10 k-means iterations, as Faiss's IndexIVF training does.
     """
     from distann.sources import as_ids, as_source
 
