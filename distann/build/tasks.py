@@ -26,7 +26,7 @@ from distann.codecs import make_codec
 from distann.store.location import Location
 from distann.train.sampling import normalize_rows
 
-_ASSIGN_SUB = 16384  # rows per assignment GEMM: (16384 x nlist) float32 scores
+_ASSIGN_SUB = 8192  # rows per assignment GEMM: (8192 x nlist) float32 scores
 
 
 class InjectedFault(RuntimeError):
@@ -80,12 +80,17 @@ def add_chunk(ctx: AddContext, chunk: ChunkTask, source, ids_source, centroids: 
     order, offsets = list_order(assign, ctx.nlist)
     codes = make_codec(ctx.codec, ctx.d).encode(x[order])
     del x
-    ctx.loc.write_bytes(f"{base}/codes.bin", codes.astype(codes.dtype.newbyteorder("<"), copy=False).tobytes())
+    ctx.loc.write_bytes(f"{base}/codes.bin", _le(codes).data)
     _maybe_fail("add", chunk.name)
-    ctx.loc.write_bytes(f"{base}/ids.bin", ids[order].astype("<i8").tobytes())
-    ctx.loc.write_bytes(f"{base}/offsets.bin", offsets.astype("<i8").tobytes())
+    ctx.loc.write_bytes(f"{base}/ids.bin", _le(ids[order]).data)
+    ctx.loc.write_bytes(f"{base}/offsets.bin", _le(offsets).data)
     ctx.loc.write_json(f"{base}/DONE", {"rows": chunk.size})
     return np.diff(offsets), False
+
+
+def _le(a: np.ndarray) -> np.ndarray:
+    """C-contiguous little-endian view (a copy only on big-endian machines)."""
+    return np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
 
 
 def merge_shard(ctx: AddContext, shard: ShardTask, chunks: tuple[ChunkTask, ...]) -> tuple[int, str, bool]:
@@ -102,26 +107,34 @@ def merge_shard(ctx: AddContext, shard: ShardTask, chunks: tuple[ChunkTask, ...]
     codec = make_codec(ctx.codec, ctx.d)
     width, dtype = codec.code_width, codec.code_dtype.newbyteorder("<")
     l0, l1 = shard.list_start, shard.list_stop
-    code_parts, id_parts, label_parts = [], [], []
+    # pass 1: every staging output's per-list offsets inside the shard's list range (small)
+    spans = []
     for chunk in chunks:
         cb = f"{ctx.gen}/staging/{chunk.name}"
         offs = np.frombuffer(ctx.loc.read_bytes(f"{cb}/offsets.bin", l0 * 8, (l1 + 1) * 8), dtype="<i8")
+        if offs[-1] > offs[0]:
+            spans.append((cb, offs))
+    counts = np.array([np.diff(o) for _, o in spans], dtype=np.int64).reshape(len(spans), l1 - l0)
+    offsets = np.zeros(l1 - l0 + 1, dtype=np.int64)
+    np.cumsum(counts.sum(axis=0), out=offsets[1:])
+    # pass 2: read one contiguous slice per staging output, copy each list's rows to its place
+    # (within a list, chunk order), so the shard is assembled with a single copy
+    n = int(offsets[-1])
+    codes = np.empty((n, width), dtype=dtype)
+    ids = np.empty(n, dtype="<i8")
+    cursor = offsets[:-1].copy()
+    for cb, offs in spans:
         r0, r1 = int(offs[0]), int(offs[-1])
-        if r1 == r0:
-            continue
-        code_parts.append(np.frombuffer(
-            ctx.loc.read_bytes(f"{cb}/codes.bin", r0 * codec.code_size, r1 * codec.code_size), dtype=dtype))
-        id_parts.append(np.frombuffer(ctx.loc.read_bytes(f"{cb}/ids.bin", r0 * 8, r1 * 8), dtype="<i8"))
-        label_parts.append(np.repeat(np.arange(l1 - l0, dtype=np.int64), np.diff(offs)))
-    if code_parts:
-        labels = np.concatenate(label_parts)
-        order, offsets = list_order(labels, l1 - l0)
-        codes = np.concatenate(code_parts).reshape(-1, width)[order]
-        ids = np.concatenate(id_parts)[order]
-    else:
-        offsets = np.zeros(l1 - l0 + 1, dtype=np.int64)
-        codes, ids = np.empty((0, width), dtype=dtype), np.empty(0, dtype="<i8")
-    del code_parts, id_parts
+        part = np.frombuffer(ctx.loc.read_bytes(f"{cb}/codes.bin", r0 * codec.code_size, r1 * codec.code_size),
+                             dtype=dtype).reshape(-1, width)
+        pid = np.frombuffer(ctx.loc.read_bytes(f"{cb}/ids.bin", r0 * 8, r1 * 8), dtype="<i8")
+        local = offs - r0
+        for j in np.flatnonzero(np.diff(offs)):
+            a, b, c = int(local[j]), int(local[j + 1]), int(cursor[j])
+            codes[c:c + b - a] = part[a:b]
+            ids[c:c + b - a] = pid[a:b]
+            cursor[j] += b - a
+        del part, pid
     store = ctx.loc.zarr_store()
     rows = chunk_rows_for_codes(codec.code_size)
     _write_array(store, f"{base}/offsets", offsets, (max(1, len(offsets)),))

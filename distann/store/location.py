@@ -71,8 +71,11 @@ class Location:
     def read_bytes(self, rel: str, start: int | None = None, end: int | None = None) -> bytes:
         return self.fs.cat_file(self.path(rel), start=start, end=end)
 
-    def write_bytes(self, rel: str, data: bytes) -> None:
-        """Write a whole file atomically (temporary name then rename on local disks)."""
+    def write_bytes(self, rel: str, data: bytes | memoryview) -> None:
+        """Write a whole file atomically (temporary name then rename on local disks).
+
+        ``data`` may be any buffer (e.g. ``ndarray.data``): on local disks it is written
+        without a copy."""
         target = self.path(rel)
         parent = posixpath.dirname(target)
         if self.is_local:
@@ -85,7 +88,7 @@ class Location:
             os.replace(tmp, target)
         else:
             self.fs.makedirs(parent, exist_ok=True)
-            self.fs.pipe_file(target, data)
+            self.fs.pipe_file(target, bytes(data))
 
     def read_json(self, rel: str) -> Any:
         return json.loads(self.read_bytes(rel))
