@@ -1,0 +1,334 @@
+"""The ``distann`` command line: build, search, info, kmeans and eval.
+
+Jobs (build, search, kmeans) take their settings from an optional YAML file
+(``--config``, see :mod:`distann.config` and ``configs/``) overridden by command line
+options; everything is validated before any work is scheduled. Progress and summaries go
+through :mod:`logging` (stderr); only ``info`` and ``eval`` write their results to stdout.
+A :class:`~distann.errors.DistannError` ends the command with its message (no traceback)
+and exit status 2, like an argparse usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from distann import config
+from distann.errors import DistannError, ValidationError
+
+log = logging.getLogger("distann.cli")
+
+_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+# --------------------------------------------------------------------------- parser
+
+def _common() -> argparse.ArgumentParser:
+    """Options accepted before or after the subcommand (SUPPRESS: a subparser keeps the global value)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                   help="more logging (-v: DEBUG)")
+    p.add_argument("--log-level", type=str.upper, choices=_LEVELS, default=argparse.SUPPRESS,
+                   help="logging level (default INFO)")
+    return p
+
+
+def _opt(p: argparse.ArgumentParser, flag: str, kind: str, name: str, **kw: Any) -> None:
+    """Add an option overriding job field ``name``; its help is the field's documentation."""
+    doc = config.field_doc(kind, name)
+    default = config.JOB_KINDS[kind].__dataclass_fields__[name].default
+    if default not in (None, dataclasses.MISSING) and not isinstance(default, bool):
+        doc += f" (default {default})"
+    p.add_argument(flag, dest=name, default=None, help=doc.replace("%", "%%"), **kw)
+
+
+def _cluster_opts(p: argparse.ArgumentParser, kind: str) -> None:
+    group = p.add_mutually_exclusive_group()
+    _opt(group, "--workers", kind, "workers", type=int, metavar="N")  # type: ignore[arg-type]
+    _opt(group, "--scheduler", kind, "scheduler", metavar="ADDRESS")  # type: ignore[arg-type]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``distann``."""
+    common = _common()
+    parser = argparse.ArgumentParser(prog="distann", parents=[common],
+                                     description="Distributed out-of-core IVF vector indexing on Dask and Zarr.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("build", parents=[common], help="build an IVF index from a vector source")
+    p.add_argument("source", nargs="?", help="URL of the vectors (or `source` in the config)")
+    p.add_argument("index", nargs="?", help="URL of the index to write (or `index` in the config)")
+    p.add_argument("--config", metavar="FILE.yaml", help="build job file; options given here override it")
+    _opt(p, "--spec", "build", "spec", metavar="S")
+    _opt(p, "--metric", "build", "metric", metavar="M")
+    _opt(p, "--ids", "build", "ids", metavar="URL")
+    _opt(p, "--column", "build", "column", metavar="C")
+    _opt(p, "--ids-column", "build", "ids_column", metavar="C")
+    _cluster_opts(p, "build")
+    _opt(p, "--overwrite", "build", "overwrite", action="store_true")
+    _opt(p, "--niter", "build", "niter", type=int, metavar="N")
+    _opt(p, "--seed", "build", "seed", type=int, metavar="S")
+    _opt(p, "--init", "build", "init", metavar="METHOD")
+    _opt(p, "--max-points-per-centroid", "build", "max_points_per_centroid", type=int, metavar="N")
+    _opt(p, "--chunk-rows", "build", "chunk_rows", type=int, metavar="N")
+    _opt(p, "--shard-bytes", "build", "shard_bytes", type=int, metavar="N")
+
+    p = sub.add_parser("search", parents=[common], help="search an index, write D and I to an .npz")
+    p.add_argument("index", nargs="?", help="URL of the index (or `index` in the config)")
+    p.add_argument("queries", nargs="?", help="URL of the queries (or `queries` in the config)")
+    p.add_argument("--config", metavar="FILE.yaml", help="search job file; options given here override it")
+    _opt(p, "--k", "search", "k", type=int, metavar="K")
+    _opt(p, "--nprobe", "search", "nprobe", type=int, metavar="P")
+    _opt(p, "--out", "search", "out", metavar="RESULT.npz")
+    _opt(p, "--radius", "search", "radius", type=float, metavar="R")
+    _opt(p, "--max-codes", "search", "max_codes", type=int, metavar="N")
+    _opt(p, "--batch-size", "search", "batch_size", type=int, metavar="N")
+
+    p = sub.add_parser("info", parents=[common], help="print the summary of an index as JSON")
+    p.add_argument("index", help="URL of the index")
+
+    p = sub.add_parser("kmeans", parents=[common], help="distributed k-means, write the centroids as .npy")
+    p.add_argument("source", nargs="?", help="URL of the vectors (or `source` in the config)")
+    p.add_argument("out", nargs="?", help="URL of the .npy of centroids (or `out` in the config)")
+    p.add_argument("--config", metavar="FILE.yaml", help="kmeans job file; options given here override it")
+    _opt(p, "--k", "kmeans", "k", type=int, metavar="K")
+    _opt(p, "--niter", "kmeans", "niter", type=int, metavar="N")
+    _opt(p, "--metric", "kmeans", "metric", metavar="M")
+    _opt(p, "--init", "kmeans", "init", metavar="METHOD")
+    _opt(p, "--seed", "kmeans", "seed", type=int, metavar="S")
+    _opt(p, "--max-points-per-centroid", "kmeans", "max_points_per_centroid", type=int, metavar="N")
+    _opt(p, "--column", "kmeans", "column", metavar="C")
+    _cluster_opts(p, "kmeans")
+
+    p = sub.add_parser("eval", parents=[common], help="recall@k and QPS of an index over several nprobe")
+    p.add_argument("index", help="URL of the index")
+    p.add_argument("queries", help="URL of the queries")
+    p.add_argument("--gt", required=True, metavar="GT", help="ground-truth ids (nq, >=k): .npy or .ivecs")
+    p.add_argument("--k", type=int, default=10, metavar="K", help="neighbours per query (default 10)")
+    p.add_argument("--nprobe", type=int, nargs="+", default=[1], metavar="P",
+                   help="nprobe values to evaluate (default 1)")
+    p.add_argument("--max-codes", type=int, default=None, metavar="N",
+                   help="most vectors scanned per query (default: no limit)")
+    p.add_argument("--repeats", type=int, default=1, metavar="N",
+                   help="time each nprobe N times and keep the fastest (default 1)")
+    return parser
+
+
+# --------------------------------------------------------------------------- jobs
+
+_POSITIONALS = {"build": ("source", "index"), "search": ("index", "queries"), "kmeans": ("source", "out")}
+
+
+def _job(kind: str, args: argparse.Namespace) -> Any:
+    """The validated job of ``kind``: the YAML of ``--config`` overridden by the options given."""
+    fields = [f.name for f in dataclasses.fields(config.JOB_KINDS[kind])]
+    mapping: dict[str, Any] = {}
+    origin = None
+    if getattr(args, "config", None):
+        origin = args.config
+        mapping = config.read_mapping(origin)
+    overrides = {name: getattr(args, name) for name in fields
+                 if getattr(args, name, None) is not None}
+    if "workers" in overrides or "scheduler" in overrides:
+        # --workers on the command line replaces a scheduler of the file and vice versa.
+        mapping.pop("workers", None)
+        mapping.pop("scheduler", None)
+    labels = {name: (name.upper() if name in _POSITIONALS[kind] else "--" + name.replace("_", "-"))
+              for name in overrides}
+    for name in _POSITIONALS[kind]:
+        if name not in overrides and name not in mapping:
+            labels[name] = f"{name.upper()} (or `{name}` in --config)"
+    return config.from_dict(kind, {**mapping, **overrides}, origin=origin, labels=labels)
+
+
+def _quiet_dask(level: str) -> None:
+    """Show Dask's own INFO messages (scheduler, nanny start and stop) only at DEBUG level.
+
+    ``import distributed`` sets the level of its loggers, so this runs after that import.
+    """
+    import distributed  # noqa: F401
+
+    numeric = logging.getLevelName(level)
+    logging.getLogger("distributed").setLevel(numeric if numeric <= logging.DEBUG else max(numeric, logging.WARNING))
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    job: config.BuildJob = _job("build", args)
+    _quiet_dask(args.level)
+    import distann
+
+    log.info("building %s from %s: %s, metric %s", job.index, job.source, job.spec, job.metric)
+    # distann.build validates everything (index present, nlist <= n, ...) before it starts the
+    # cluster of client_context(workers, scheduler), so bad input fails without a cluster.
+    t0 = time.perf_counter()
+    index = distann.build(
+        job.source, job.index, spec=job.spec, metric=job.metric, ids=job.ids,
+        overwrite=job.overwrite, niter=job.niter, seed=job.seed, init=job.init,
+        max_points_per_centroid=job.max_points_per_centroid, chunk_rows=job.chunk_rows,
+        shard_bytes=job.shard_bytes, column=job.column, ids_column=job.ids_column,
+        storage_options=job.storage_options, workers=job.workers, scheduler=job.scheduler, progress=True)
+    elapsed = time.perf_counter() - t0
+    log.info("built %s: ntotal=%d d=%d nlist=%d metric=%s in %.1f s (%.0f vectors/s)",
+             index.url, index.ntotal, index.d, index.nlist, index.metric, elapsed,
+             index.ntotal / max(elapsed, 1e-9))
+    return 0
+
+
+def _save(url: str, writer: Any, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Write a file through fsspec (local paths and remote URLs alike)."""
+    import fsspec
+
+    with fsspec.open(url, "wb", auto_mkdir=True, **(storage_options or {})) as fh:
+        writer(fh)
+
+
+def _read_queries(url: str) -> np.ndarray:
+    from distann.sources import open_source
+
+    src = open_source(url)
+    return np.ascontiguousarray(src.read_rows(0, src.n), dtype=np.float32)
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    job: config.SearchJob = _job("search", args)
+    import dask.config
+
+    import distann
+
+    index = distann.open_index(job.index)
+    xq = _read_queries(job.queries)
+    settings = {} if job.batch_size is None else {"distann.search.batch-size": job.batch_size}
+    with dask.config.set(settings):
+        t0 = time.perf_counter()
+        if job.radius is None:
+            D, I = index.search(xq, k=job.k, nprobe=job.nprobe, max_codes=job.max_codes)
+            arrays = {"D": D, "I": I}
+        else:
+            lims, D, I = index.range_search(xq, job.radius, nprobe=job.nprobe, max_codes=job.max_codes)
+            arrays = {"lims": lims, "D": D, "I": I}
+        elapsed = time.perf_counter() - t0
+    _save(job.out, lambda fh: np.savez(fh, **arrays))
+    what = f"k={job.k}" if job.radius is None else f"radius={job.radius:g} ({len(I)} results)"
+    log.info("searched %d queries, %s, nprobe=%d in %.2f s (%.0f QPS); wrote %s",
+             len(xq), what, job.nprobe, elapsed, len(xq) / max(elapsed, 1e-9), job.out)
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import distann
+
+    index = distann.open_index(args.index)
+    print(json.dumps(index.info(), indent=2, default=str))
+    return 0
+
+
+def _cmd_kmeans(args: argparse.Namespace) -> int:
+    job: config.KMeansJob = _job("kmeans", args)
+    _quiet_dask(args.level)
+    import distann
+
+    t0 = time.perf_counter()
+    result = distann.kmeans(
+        job.source, job.k, niter=job.niter, metric=job.metric, init=job.init, seed=job.seed,
+        max_points_per_centroid=job.max_points_per_centroid, column=job.column,
+        storage_options=job.storage_options, workers=job.workers, scheduler=job.scheduler, progress=True)
+    elapsed = time.perf_counter() - t0
+    centroids = np.ascontiguousarray(result.centroids, dtype=np.float32)
+    _save(job.out, lambda fh: np.save(fh, centroids), job.storage_options)
+    obj = [float(v) for v in result.objective]
+    for i, v in enumerate(obj):
+        log.debug("iteration %d: objective %.6g", i, v)
+    if obj:
+        change = (obj[0] - obj[-1]) / abs(obj[0]) * 100 if obj[0] else 0.0
+        log.info("k-means: k=%d, %d iterations in %.1f s, objective %.6g -> %.6g (%.1f%% lower)",
+                 job.k, len(obj), elapsed, obj[0], obj[-1], change)
+    log.info("wrote centroids %s to %s", centroids.shape, job.out)
+    return 0
+
+
+def read_ground_truth(url: str) -> np.ndarray:
+    """Ground-truth ids from an ``.npy`` (nq, k) or an ``.ivecs`` file, as int64."""
+    import fsspec
+
+    if not url.endswith((".npy", ".ivecs")):
+        raise ValidationError("--gt", url, "must be an .npy or .ivecs file")
+    try:
+        with fsspec.open(url, "rb") as fh:
+            raw = fh.read()
+    except FileNotFoundError:
+        raise ValidationError("--gt", url, "must be an existing file") from None
+    if url.endswith(".ivecs"):
+        ints = np.frombuffer(raw, dtype=np.int32)
+        k = int(ints[0]) if ints.size else 0
+        if k <= 0 or ints.size % (k + 1) or (ints.reshape(-1, k + 1)[:, 0] != k).any():
+            raise ValidationError("--gt", url, "must be an .ivecs file (int32 rows, each prefixed by k)")
+        gt = ints.reshape(-1, k + 1)[:, 1:]
+    else:
+        gt = np.load(io.BytesIO(raw), allow_pickle=False)
+    if gt.ndim != 2 or not np.issubdtype(gt.dtype, np.integer):
+        raise ValidationError("--gt", f"{gt.dtype} array of shape {gt.shape}", "must be a 2-d integer array (nq, k)")
+    return gt.astype(np.int64, copy=False)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import distann
+    from distann.evaluation import sweep_nprobe
+
+    for name, value in (("--k", args.k), ("--max-codes", args.max_codes), ("--repeats", args.repeats)):
+        if value is not None and value < 1:
+            raise ValidationError(name, value, "must be a positive integer")
+    index = distann.open_index(args.index)
+    xq = _read_queries(args.queries)
+    gt = read_ground_truth(args.gt)
+    if gt.shape[0] != len(xq) or gt.shape[1] < args.k:
+        raise ValidationError("--gt", f"array of shape {gt.shape}", f"must have one row per query ({len(xq)}) "
+                                                                    f"and at least k={args.k} columns")
+    index.search(xq[:1], k=args.k, nprobe=min(args.nprobe))  # warm-up: kernel compilation is not timed
+    points, front = sweep_nprobe(index, xq, gt, args.nprobe, k=args.k, repeats=args.repeats,
+                                 max_codes=args.max_codes)
+    best = {p.nprobe for p in front}
+    print(f"{'nprobe':>8} {f'recall@{args.k}':>10} {'QPS':>12}  pareto")
+    for p in points:
+        print(f"{p.nprobe:>8d} {p.recall:>10.4f} {p.qps:>12.1f}  {'*' if p.nprobe in best else ''}".rstrip())
+    return 0
+
+
+_COMMANDS = {"build": _cmd_build, "search": _cmd_search, "info": _cmd_info,
+             "kmeans": _cmd_kmeans, "eval": _cmd_eval}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``distann`` command line; returns the exit status (2: invalid input or index)."""
+    args = build_parser().parse_args(argv)
+    verbose = getattr(args, "verbose", 0)
+    level = getattr(args, "log_level", None) or ("DEBUG" if verbose else "INFO")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("distann").setLevel(level)
+    args.level = level
+    try:
+        return _COMMANDS[args.command](args)
+    except DistannError as exc:
+        log.error("%s", exc)
+        return 2
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 130
+    except BrokenPipeError:
+        # stdout closed early (``distann info ... | head``): not an error of ours
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,360 @@
+"""Configuration: library tunables in ``dask.config`` and validated job files in YAML.
+
+Library tunables
+----------------
+Knobs that change how work is cut up, never what is computed, live in one namespaced
+``dask.config`` section, ``distann``. Their defaults are registered with
+``dask.config.update_defaults`` when this module is imported:
+
+=============================  ===========  ==================================================
+key                            default      meaning
+=============================  ===========  ==================================================
+``distann.build.chunk-rows``   65536        rows of the source handled by one add task
+``distann.build.shard-bytes``  33554432     target bytes of one list-range shard of the index
+``distann.search.cache-bytes`` 0            byte budget of the in-memory inverted-list cache
+                                            (0: no cache)
+``distann.search.batch-size``  16384        queries searched together in one batch
+``distann.kernels.backend``    ``"numba"``  kernel backend (see ``distann.kernels``)
+=============================  ===========  ==================================================
+
+They are set like any dask option: in a dask YAML file (``~/.config/dask/*.yaml``), with
+``dask.config.set({"distann.search.cache-bytes": 2**30})`` or through the environment.
+Dask maps an environment variable ``DASK_A__B__C_D=value`` to the key ``a.b.c_d``: the
+``DASK_`` prefix is dropped, the name lower-cased, ``__`` separates levels, and the value is
+parsed with ``ast.literal_eval`` (falling back to the plain string). Underscores and hyphens
+are interchangeable in the last part, so::
+
+    DASK_DISTANN__BUILD__CHUNK_ROWS=65536         ->  distann.build.chunk-rows = 65536
+    DASK_DISTANN__SEARCH__CACHE_BYTES=1073741824  ->  distann.search.cache-bytes = 2**30
+    DASK_DISTANN__KERNELS__BACKEND=numpy          ->  distann.kernels.backend = "numpy"
+
+The environment is read when dask is imported (and by ``dask.config.refresh()``); the
+values must be literals (``1073741824``, not ``2**30``). Worker processes started by a
+``LocalCluster`` inherit the configuration of the client at the time they start, so library
+code resolves tunables with :func:`get` on the client and passes the values into its tasks.
+
+Job files
+---------
+One frozen dataclass per command line job (:class:`BuildJob`, :class:`SearchJob`,
+:class:`KMeansJob`), loaded from YAML with :func:`load_config` or from a mapping with
+:func:`from_dict`. Keys are the field names (``chunk_rows``, not ``chunk-rows``). Everything
+is validated at load: unknown keys, wrong types and bad values raise
+:class:`~distann.errors.ValidationError` naming the key (``config.k`` for a mapping,
+``<file>: key 'k'`` for a file). Each field is documented once, in the ``doc`` metadata of
+its definition; the command line reuses those texts for its help.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import dask.config
+import yaml
+
+from distann.errors import ValidationError
+
+__all__ = [
+    "DEFAULTS", "get", "BuildJob", "SearchJob", "KMeansJob", "JOB_KINDS", "from_dict",
+    "load_config", "read_mapping", "kind_from_filename", "field_doc",
+]
+
+# --------------------------------------------------------------------------- tunables
+
+#: Defaults of the ``distann`` section of dask.config, registered at import.
+DEFAULTS: dict[str, Any] = {
+    "distann": {
+        "build": {"chunk-rows": 65536, "shard-bytes": 32 * 2**20},
+        "search": {"cache-bytes": 0, "batch-size": 16384},
+        "kernels": {"backend": "numba"},
+    }
+}
+dask.config.update_defaults(DEFAULTS)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _tunable_positive(key: str, value: object) -> int:
+    if not _is_int(value) or value < 1:
+        raise ValidationError(key, value, "must be a positive integer")
+    return value
+
+
+def _tunable_nonnegative(key: str, value: object) -> int:
+    if not _is_int(value) or value < 0:
+        raise ValidationError(key, value, "must be a non-negative integer (0 disables the cache)")
+    return value
+
+
+def _tunable_name(key: str, value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValidationError(key, value, "must be a non-empty backend name such as 'numba' or 'numpy'")
+    return value
+
+
+_TUNABLE_CHECKS: dict[str, Callable[[str, object], Any]] = {
+    "build.chunk-rows": _tunable_positive,
+    "build.shard-bytes": _tunable_positive,
+    "search.cache-bytes": _tunable_nonnegative,
+    "search.batch-size": _tunable_positive,
+    "kernels.backend": _tunable_name,
+}
+
+
+def get(key: str) -> Any:
+    """Current value of the tunable ``distann.<key>``, e.g. ``get("build.chunk-rows")``.
+
+    The ``distann.`` prefix is optional and ``_`` may stand for ``-``. Known keys are
+    validated, so a bad environment override fails here with the key named.
+    """
+    short = key[len("distann."):] if key.startswith("distann.") else key
+    short = short.replace("_", "-")
+    if short not in _TUNABLE_CHECKS:
+        raise ValidationError("distann.config.get(key)", key,
+                              f"must be one of {', '.join(sorted(_TUNABLE_CHECKS))}")
+    full = f"distann.{short}"
+    return _TUNABLE_CHECKS[short](full, dask.config.get(full))
+
+
+# --------------------------------------------------------------------------- field checks
+
+Check = Callable[[object, str], Any]
+METRICS = ("l2", "ip", "cosine")
+INITS = ("k-means++", "k-means||", "random")
+_SPEC_RE = re.compile(r"IVF(\d+),Flat")
+
+
+def _text(value: object, param: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValidationError(param, value, "must be a non-empty string")
+    return value
+
+
+def _flag(value: object, param: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValidationError(param, value, "must be true or false")
+    return value
+
+
+def _positive(value: object, param: str) -> int:
+    if not _is_int(value) or value < 1:
+        raise ValidationError(param, value, "must be a positive integer")
+    return value
+
+
+def _nonnegative(value: object, param: str) -> int:
+    if not _is_int(value) or value < 0:
+        raise ValidationError(param, value, "must be a non-negative integer")
+    return value
+
+
+def _real(value: object, param: str) -> float:
+    # PyYAML reads ``1e-3`` (no dot) as a string: accept numeric strings for float fields.
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValidationError(param, value, "must be a finite number")
+    return float(value)
+
+
+def _choice(options: tuple[str, ...]) -> Check:
+    def check(value: object, param: str) -> str:
+        if value not in options:
+            raise ValidationError(param, value, f"must be one of {', '.join(options)}")
+        return value  # type: ignore[return-value]
+    return check
+
+
+def _spec(value: object, param: str) -> str:
+    match = _SPEC_RE.fullmatch(value) if isinstance(value, str) else None
+    if match is None or int(match.group(1)) < 1:
+        raise ValidationError(param, value, "must be 'IVF<nlist>,Flat' with an integer nlist >= 1, "
+                                            "e.g. 'IVF1024,Flat' (case-sensitive)")
+    return value  # type: ignore[return-value]
+
+
+def _options(value: object, param: str) -> dict[str, Any]:
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise ValidationError(param, value, "must be a mapping of fsspec option names to values")
+    return dict(value)
+
+
+def _optional(check: Check) -> Check:
+    def optional(value: object, param: str) -> Any:
+        return None if value is None else check(value, param)
+    return optional
+
+
+def _f(doc: str, check: Check, default: Any = dataclasses.MISSING) -> Any:
+    """A job field: its one documentation text and its validation."""
+    return field(default=default, metadata={"doc": doc, "check": check})
+
+
+# --------------------------------------------------------------------------- jobs
+
+_WORKERS = "worker processes of a LocalCluster started for the job (default: one per core); excludes scheduler"
+_SCHEDULER = "address of a running dask scheduler to join, e.g. tcp://host:8786; excludes workers"
+
+
+@dataclass(frozen=True)
+class BuildJob:
+    """Build an IVF index from a vector source (``distann build``). Fields: see their ``doc``."""
+
+    source: str = _f("URL of the vectors (.npy, .fvecs/.bvecs, Zarr array, Parquet; fsspec URLs ok)", _text)
+    index: str = _f("URL of the index to write (a Zarr group; fsspec URLs ok)", _text)
+    spec: str = _f("index type 'IVF<nlist>,Flat' (case-sensitive)", _spec, "IVF1024,Flat")
+    metric: str = _f("distance: l2 (squared Euclidean), ip (inner product) or cosine", _choice(METRICS), "l2")
+    ids: str | None = _f("URL of int64 ids, one per vector (default: row numbers)", _optional(_text), None)
+    column: str | None = _f("vector column of a Parquet source", _optional(_text), None)
+    ids_column: str | None = _f("id column of a Parquet source", _optional(_text), None)
+    workers: int | None = _f(_WORKERS, _optional(_positive), None)
+    scheduler: str | None = _f(_SCHEDULER, _optional(_text), None)
+    overwrite: bool = _f("replace an existing index at the destination", _flag, False)
+    niter: int = _f("k-means iterations of the coarse quantizer", _positive, 25)
+    seed: int = _f("random seed of k-means (sampling and initialization)", _nonnegative, 1234)
+    init: str = _f("k-means initialization: k-means++, k-means|| or random", _choice(INITS), "k-means||")
+    max_points_per_centroid: int = _f("training sample size per centroid", _positive, 256)
+    chunk_rows: int | None = _f("rows per add task (default: distann.build.chunk-rows)", _optional(_positive), None)
+    shard_bytes: int | None = _f("target bytes of one list-range shard (default: distann.build.shard-bytes)",
+                                 _optional(_positive), None)
+    storage_options: dict[str, Any] | None = _f("fsspec options of the source and index URLs",
+                                                _optional(_options), None)
+
+
+@dataclass(frozen=True)
+class SearchJob:
+    """Search an index with a file of queries (``distann search``). Fields: see their ``doc``."""
+
+    index: str = _f("URL of the index to search", _text)
+    queries: str = _f("URL of the query vectors (any source format)", _text)
+    out: str = _f("URL of the .npz result: D and I, or lims, D and I for a range search", _text)
+    k: int = _f("neighbours per query", _positive, 10)
+    nprobe: int = _f("inverted lists scanned per query", _positive, 1)
+    radius: float | None = _f("range search: squared L2 distance below, or similarity above, this value",
+                              _optional(_real), None)
+    max_codes: int | None = _f("most vectors scanned per query (default: no limit)", _optional(_positive), None)
+    batch_size: int | None = _f("queries per batch (default: distann.search.batch-size)",
+                                _optional(_positive), None)
+
+
+@dataclass(frozen=True)
+class KMeansJob:
+    """Run distributed k-means on a vector source (``distann kmeans``). Fields: see their ``doc``."""
+
+    source: str = _f("URL of the vectors to cluster", _text)
+    out: str = _f("URL of the .npy file of centroids (k, d) float32 to write", _text)
+    k: int = _f("number of centroids", _positive)
+    niter: int = _f("k-means iterations", _positive, 25)
+    metric: str = _f("distance: l2, ip or cosine", _choice(METRICS), "l2")
+    init: str = _f("initialization: k-means++, k-means|| or random", _choice(INITS), "k-means||")
+    seed: int = _f("random seed (sampling and initialization)", _nonnegative, 1234)
+    max_points_per_centroid: int = _f("training sample size per centroid", _positive, 256)
+    workers: int | None = _f(_WORKERS, _optional(_positive), None)
+    scheduler: str | None = _f(_SCHEDULER, _optional(_text), None)
+    column: str | None = _f("vector column of a Parquet source", _optional(_text), None)
+    storage_options: dict[str, Any] | None = _f("fsspec options of the source and output URLs",
+                                                _optional(_options), None)
+
+
+#: Job kind (the command name, also the prefix of files in ``configs/``) to its dataclass.
+JOB_KINDS: dict[str, type] = {"build": BuildJob, "search": SearchJob, "kmeans": KMeansJob}
+
+
+def _job_class(kind: str) -> type:
+    try:
+        return JOB_KINDS[kind]
+    except (KeyError, TypeError):
+        raise ValidationError("kind", kind, f"must be one of {', '.join(JOB_KINDS)}") from None
+
+
+def field_doc(kind: str, name: str) -> str:
+    """The documentation text of field ``name`` of job ``kind`` (used for command line help)."""
+    for f in dataclasses.fields(_job_class(kind)):
+        if f.name == name:
+            return f.metadata["doc"]
+    raise KeyError(name)
+
+
+def from_dict(kind: str, mapping: Mapping[str, Any], *, origin: str | None = None,
+              labels: Mapping[str, str] | None = None) -> Any:
+    """Validate ``mapping`` and return the job dataclass of ``kind`` (build, search, kmeans).
+
+    Errors name the key as ``config.<key>``, or ``<origin>: key '<key>'`` when ``origin`` (a
+    file name) is given; ``labels`` overrides the name of single keys (the command line
+    passes ``--k`` for a value that came from an option).
+    """
+    cls = _job_class(kind)
+    where = origin or "config"
+
+    def label(key: str) -> str:
+        if labels and key in labels:
+            return labels[key]
+        return f"{origin}: key {key!r}" if origin else f"config.{key}"
+
+    if not isinstance(mapping, Mapping):
+        raise ValidationError(where, mapping, f"must be a mapping of {kind} job keys to values")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in mapping:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key).replace("-", "_"), list(fields), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValidationError(label(str(key)), mapping[key],
+                                  f"unknown key; {hint}allowed keys: {', '.join(fields)}")
+    values: dict[str, Any] = {}
+    for name, f in fields.items():
+        if name in mapping:
+            values[name] = f.metadata["check"](mapping[name], label(name))
+        elif f.default is dataclasses.MISSING:
+            raise ValidationError(label(name), None, f"required ({f.metadata['doc']})")
+    if values.get("workers") is not None and values.get("scheduler") is not None:
+        raise ValidationError(f"{label('workers')} and {label('scheduler')}",
+                              (values["workers"], values["scheduler"]),
+                              "give at most one: workers starts a local cluster, scheduler joins one")
+    return cls(**values)
+
+
+def read_mapping(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a YAML file holding one mapping (an empty file is an empty mapping)."""
+    import fsspec
+
+    name = os.fspath(path)
+    try:
+        with fsspec.open(name, "rt", encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise ValidationError("config", name, "must be an existing YAML file") from None
+    except yaml.YAMLError as exc:
+        raise ValidationError(name, type(exc).__name__, f"must be valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValidationError(name, data, "must hold a mapping of keys to values at the top level")
+    return data
+
+
+def kind_from_filename(path: str | os.PathLike[str]) -> str:
+    """The job kind of a config file from its name prefix: ``build-``, ``search-`` or ``kmeans-``."""
+    base = os.path.basename(os.fspath(path))
+    for kind in JOB_KINDS:
+        if base.startswith(f"{kind}-"):
+            return kind
+    raise ValidationError("config", base, f"name must start with one of {', '.join(k + '-' for k in JOB_KINDS)} "
+                                          "or the job kind must be given")
+
+
+def load_config(path: str | os.PathLike[str], kind: str | None = None) -> Any:
+    """Load and validate the YAML job file ``path`` as a job of ``kind`` (default: from the file name)."""
+    kind = kind_from_filename(path) if kind is None else kind
+    _job_class(kind)
+    return from_dict(kind, read_mapping(path), origin=os.fspath(path))

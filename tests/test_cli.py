@@ -1,0 +1,221 @@
+"""Tests of the ``distann`` command line, end to end through ``distann.cli.main``."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import yaml
+
+from distann.cli import build_parser, main, read_ground_truth
+from distann.errors import ValidationError
+from distann.synthetic import write_npy
+
+N, D, NQ, NLIST, K = 3000, 16, 40, 16, 5
+
+
+def run(argv: list[str]) -> int:
+    """``main(argv)``, with an argparse ``SystemExit`` turned into its exit status."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Base vectors, queries and exact ground truth (.npy and .ivecs) in a temporary folder."""
+    root = tmp_path_factory.mktemp("cli")
+    base = write_npy(str(root / "base.npy"), N, D)
+    queries = write_npy(str(root / "queries.npy"), NQ, D, stream=1)
+    xb, xq = np.load(base), np.load(queries)
+    dist = ((xq[:, None, :].astype(np.float64) - xb[None, :, :]) ** 2).sum(-1)
+    gt = np.argsort(dist, axis=1, kind="stable")[:, :K].astype(np.int64)
+    np.save(root / "gt.npy", gt)
+    ivecs = np.hstack([np.full((NQ, 1), K, np.int32), gt.astype(np.int32)])
+    ivecs.tofile(root / "gt.ivecs")
+    return {"root": root, "base": base, "queries": queries, "gt": gt,
+            "gt_npy": str(root / "gt.npy"), "gt_ivecs": str(root / "gt.ivecs")}
+
+
+@pytest.fixture(scope="module")
+def index(data):
+    """An index built once through ``distann build`` with a config file and overrides."""
+    cfg = data["root"] / "build-test.yaml"
+    url = str(data["root"] / "index.zarr")
+    cfg.write_text(yaml.safe_dump({"source": "missing.npy", "index": url, "spec": "IVF4,Flat",
+                                   "metric": "ip", "niter": 5, "scheduler": "tcp://127.0.0.1:1"}))
+    # SOURCE, --spec, --metric and --workers override the file (--workers replaces its scheduler)
+    code = run(["build", "--config", str(cfg), data["base"], "--spec", f"IVF{NLIST},Flat", "--metric", "l2",
+                "--workers", "2", "--chunk-rows", "1000"])
+    assert code == 0
+    return url
+
+
+# --------------------------------------------------------------------------- end to end
+
+def test_build_logs_summary(data, caplog):
+    url = str(data["root"] / "plain.zarr")
+    with caplog.at_level(logging.INFO, logger="distann"):
+        assert run(["build", data["base"], url, "--spec", "IVF8,Flat", "--metric", "l2",
+                    "--workers", "2", "--niter", "4", "--seed", "7"]) == 0
+    assert f"ntotal={N}" in caplog.text and "nlist=8" in caplog.text
+
+
+def test_info(index, capsys):
+    assert run(["info", index]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["ntotal"] == N
+    assert info["d"] == D
+    assert info["nlist"] == NLIST
+    assert info["metric"] == "l2"
+
+
+def test_search(index, data):
+    out = data["root"] / "res.npz"
+    assert run(["search", index, data["queries"], "--k", str(K), "--nprobe", "4", "--out", str(out)]) == 0
+    with np.load(out) as res:
+        assert set(res.files) == {"D", "I"}
+        assert res["D"].shape == (NQ, K) and res["D"].dtype == np.float32
+        assert res["I"].shape == (NQ, K) and res["I"].dtype == np.int64
+        assert (res["I"] >= 0).all() and (res["I"] < N).all()
+
+
+def test_search_exhaustive_matches_ground_truth(index, data):
+    out = data["root"] / "res-all.npz"
+    assert run(["search", index, data["queries"], "--k", str(K), "--nprobe", str(NLIST), "--out", str(out)]) == 0
+    with np.load(out) as res:
+        hits = np.mean([len(set(a) & set(b)) / K for a, b in zip(res["I"], data["gt"])])
+    assert hits >= 0.95
+
+
+def test_search_with_config_file(index, data):
+    cfg = data["root"] / "search-test.yaml"
+    out = data["root"] / "res-cfg.npz"
+    cfg.write_text(yaml.safe_dump({"index": index, "queries": data["queries"], "out": str(out),
+                                   "k": 3, "nprobe": 2, "batch_size": 7}))
+    assert run(["search", "--config", str(cfg), "--k", "4"]) == 0
+    with np.load(out) as res:
+        assert res["I"].shape == (NQ, 4)
+
+
+def test_range_search(index, data):
+    out = data["root"] / "range.npz"
+    assert run(["search", index, data["queries"], "--nprobe", "4", "--radius", "1e9", "--out", str(out)]) == 0
+    with np.load(out) as res:
+        assert set(res.files) == {"lims", "D", "I"}
+        lims = res["lims"]
+        assert lims.shape == (NQ + 1,) and lims[0] == 0 and (np.diff(lims) > 0).all()
+        assert res["D"].shape == res["I"].shape == (lims[-1],)
+        assert res["D"].dtype == np.float32 and res["I"].dtype == np.int64
+
+
+def test_kmeans(data, caplog):
+    out = data["root"] / "sub" / "centroids.npy"
+    with caplog.at_level(logging.INFO, logger="distann"):
+        assert run(["kmeans", data["base"], str(out), "--k", "8", "--niter", "3", "--workers", "2",
+                    "--init", "k-means++", "--seed", "3"]) == 0
+    centroids = np.load(out)
+    assert centroids.shape == (8, D) and centroids.dtype == np.float32
+    assert np.isfinite(centroids).all()
+    assert "objective" in caplog.text
+
+
+@pytest.mark.parametrize("gt_key", ["gt_npy", "gt_ivecs"])
+def test_eval(index, data, capsys, gt_key):
+    assert run(["eval", index, data["queries"], "--gt", data[gt_key], "--k", str(K),
+                "--nprobe", "1", str(NLIST), "--repeats", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split() == ["nprobe", f"recall@{K}", "QPS", "pareto"]
+    rows = [line.split() for line in lines[1:]]
+    assert [int(r[0]) for r in rows] == [1, NLIST]
+    recalls = [float(r[1]) for r in rows]
+    assert all(0.0 <= r <= 1.0 for r in recalls)
+    assert recalls[1] >= 0.95 and recalls[1] >= recalls[0]
+    assert all(float(r[2]) > 0 for r in rows)
+
+
+def test_existing_index_needs_overwrite(index, data, caplog):
+    cfg = data["root"] / "build-again.yaml"
+    cfg.write_text(yaml.safe_dump({"source": data["base"], "index": index, "spec": f"IVF{NLIST},Flat",
+                                   "workers": 2, "niter": 3}))
+    assert run(["build", "--config", str(cfg)]) == 2
+    assert "Traceback" not in caplog.text
+    assert run(["build", "--config", str(cfg), "--overwrite"]) == 0
+
+
+# --------------------------------------------------------------------------- errors
+
+@pytest.mark.parametrize("cmd", ["build", "kmeans"])
+def test_bad_metric(data, caplog, cmd):
+    argv = [cmd, data["base"], str(data["root"] / "x"), "--metric", "euclid", "--workers", "2"]
+    if cmd == "kmeans":
+        argv += ["--k", "4"]
+    assert run(argv) == 2
+    assert "--metric" in caplog.text and "euclid" in caplog.text and "l2, ip, cosine" in caplog.text
+
+
+def test_unknown_config_key(data, caplog):
+    cfg = data["root"] / "build-typo.yaml"
+    cfg.write_text("source: a.npy\nindex: b.zarr\nnlsit: 4\n")
+    assert run(["build", "--config", str(cfg)]) == 2
+    assert "nlsit" in caplog.text and "allowed keys" in caplog.text
+
+
+def test_bad_config_value_names_file_and_key(data, caplog):
+    cfg = data["root"] / "kmeans-bad.yaml"
+    cfg.write_text("source: a.npy\nout: c.npy\nk: 0\n")
+    assert run(["kmeans", "--config", str(cfg)]) == 2
+    assert f"{cfg}: key 'k'" in caplog.text
+
+
+def test_missing_positional(caplog):
+    assert run(["search", "--k", "3"]) == 2
+    assert "INDEX" in caplog.text and "required" in caplog.text
+
+
+def test_missing_config_file(tmp_path, caplog):
+    assert run(["build", "--config", str(tmp_path / "none.yaml")]) == 2
+    assert "none.yaml" in caplog.text
+
+
+def test_workers_and_scheduler_exclusive_on_command_line():
+    assert run(["build", "a.npy", "b.zarr", "--workers", "2", "--scheduler", "tcp://h:1"]) == 2
+
+
+def test_cli_workers_replace_config_scheduler(tmp_path):
+    from distann.cli import _job
+
+    cfg = tmp_path / "build-s.yaml"
+    cfg.write_text("source: a.npy\nindex: b.zarr\nscheduler: tcp://h:1\n")
+    job = _job("build", build_parser().parse_args(["build", "--config", str(cfg), "--workers", "3"]))
+    assert (job.workers, job.scheduler, job.source) == (3, None, "a.npy")
+
+
+def test_usage_errors_exit_2():
+    assert run([]) == 2
+    assert run(["frobnicate"]) == 2
+    assert run(["search", "i", "q", "--k", "three"]) == 2
+    assert run(["eval", "i", "q", "--k", "3"]) == 2  # --gt missing
+
+
+def test_global_options_before_or_after_command(tmp_path, caplog):
+    assert run(["--log-level", "debug", "build", "a.npy", "b.zarr", "--spec", "IVF0,Flat"]) == 2
+    assert run(["build", "-v", "a.npy", "b.zarr", "--spec", "IVF0,Flat"]) == 2
+    assert "--spec" in caplog.text and "IVF<nlist>,Flat" in caplog.text
+
+
+def test_read_ground_truth_formats(tmp_path):
+    gt = np.arange(12, dtype=np.int32).reshape(3, 4)
+    np.save(tmp_path / "g.npy", gt)
+    np.hstack([np.full((3, 1), 4, np.int32), gt]).tofile(tmp_path / "g.ivecs")
+    for name in ("g.npy", "g.ivecs"):
+        out = read_ground_truth(str(tmp_path / name))
+        assert out.dtype == np.int64 and (out == gt).all()
+    np.save(tmp_path / "f.npy", gt.astype(np.float32))
+    with pytest.raises(ValidationError, match="--gt"):
+        read_ground_truth(str(tmp_path / "f.npy"))
+    with pytest.raises(ValidationError, match="--gt"):
+        read_ground_truth(str(tmp_path / "g.txt"))
