@@ -221,7 +221,7 @@ class BuildJob:
     workers: int | None = _f(_WORKERS, _optional(_positive), None)
     scheduler: str | None = _f(_SCHEDULER, _optional(_text), None)
     overwrite: bool = _f("replace an existing index at the destination", _flag, False)
-    niter: int = _f("k-means iterations of the coarse quantizer", _positive, 25)
+    niter: int = _f("k-means iterations of the coarse quantizer (Faiss IndexIVF also uses 10)", _positive, 10)
     seed: int = _f("random seed of k-means (sampling and initialization)", _nonnegative, 1234)
     init: str = _f("k-means initialization: k-means++, k-means|| or random", _choice(INITS), "k-means||")
     max_points_per_centroid: int = _f("training sample size per centroid", _positive, 256)
