@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nq", type=int, default=1_000, help="queries")
     p.add_argument("--d", type=int, default=64, help="dimension")
     p.add_argument("--nlist", type=int, default=256)
-    p.add_argument("--nprobe", type=int, default=16)
+    p.add_argument("--nprobe", type=int, default=32)
     p.add_argument("--metric", default="l2", choices=["l2", "ip", "cosine"])
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core)")
     p.add_argument("--out", default="out/quickstart", help="folder for the data files and the index")
