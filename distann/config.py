@@ -223,7 +223,7 @@ class BuildJob:
     overwrite: bool = _f("replace an existing index at the destination", _flag, False)
     niter: int = _f("k-means iterations of the coarse quantizer (Faiss IndexIVF also uses 10)", _positive, 10)
     seed: int = _f("random seed of k-means (sampling and initialization)", _nonnegative, 1234)
-    init: str = _f("k-means initialization: k-means++, k-means|| or random", _choice(INITS), "k-means||")
+    init: str = _f("k-means initialization: random (k distinct sample points, as Faiss), k-means++ or k-means||", _choice(INITS), "random")
     max_points_per_centroid: int = _f("training sample size per centroid", _positive, 256)
     chunk_rows: int | None = _f("rows per add task (default: distann.build.chunk-rows)", _optional(_positive), None)
     shard_bytes: int | None = _f("target bytes of one list-range shard (default: distann.build.shard-bytes)",
@@ -257,7 +257,7 @@ class KMeansJob:
     k: int = _f("number of centroids", _positive)
     niter: int = _f("k-means iterations", _positive, 25)
     metric: str = _f("distance: l2, ip or cosine", _choice(METRICS), "l2")
-    init: str = _f("initialization: k-means++, k-means|| or random", _choice(INITS), "k-means||")
+    init: str = _f("initialization: random (as Faiss), k-means++ or k-means||", _choice(INITS), "random")
     seed: int = _f("random seed (sampling and initialization)", _nonnegative, 1234)
     max_points_per_centroid: int = _f("training sample size per centroid", _positive, 256)
     workers: int | None = _f(_WORKERS, _optional(_positive), None)

@@ -48,7 +48,7 @@ def test_build_example_sets_every_key():
 
 def test_defaults_and_frozen():
     job = from_dict("build", MINIMAL["build"])
-    assert (job.spec, job.metric, job.niter, job.seed, job.init) == ("IVF1024,Flat", "l2", 10, 1234, "k-means||")
+    assert (job.spec, job.metric, job.niter, job.seed, job.init) == ("IVF1024,Flat", "l2", 10, 1234, "random")
     assert job.max_points_per_centroid == 256 and job.chunk_rows is None and not job.overwrite
     with pytest.raises(dataclasses.FrozenInstanceError):
         job.metric = "ip"  # type: ignore[misc]

@@ -42,7 +42,7 @@ def _add_counts(a, b):
 
 
 def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2", ids=None, client=None, *,
-          overwrite: bool = False, niter: int = 10, seed: int = 1234, init: str = "k-means||",
+          overwrite: bool = False, niter: int = 10, seed: int = 1234, init: str = "random",
           max_points_per_centroid: int = 256, chunk_rows: int | None = None, shard_bytes: int | None = None,
           column: str | None = None, ids_column: str | None = None, storage_options: dict | None = None,
           workers: int | None = None, scheduler: str | None = None, progress: bool = False):

@@ -42,11 +42,13 @@ def _maybe_fail(stage: str, name: str) -> None:
 
 def assign_nearest(x: np.ndarray, centroids: np.ndarray, spherical: bool) -> np.ndarray:
     """Index of the nearest centroid of every row (l2) or of the largest inner product (ip)."""
+    from distann.train._assign import assign_labels
+
     out = np.empty(len(x), dtype=np.int64)
     c_norms = np.einsum("ij,ij->i", centroids, centroids)
+    ct = np.ascontiguousarray(centroids.T)
     for s in range(0, len(x), _ASSIGN_SUB):
-        dots = x[s:s + _ASSIGN_SUB] @ centroids.T
-        out[s:s + _ASSIGN_SUB] = np.argmax(dots, axis=1) if spherical else np.argmin(c_norms - 2 * dots, axis=1)
+        assign_labels(x[s:s + _ASSIGN_SUB] @ ct, c_norms, spherical, out[s:s + _ASSIGN_SUB])
     return out
 
 

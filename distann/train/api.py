@@ -50,7 +50,7 @@ def collect_sample(client, source, chunks, n_sample: int, seed: int, normalize: 
     return blocks, sizes, scans
 
 
-def kmeans(source, k: int, *, niter: int = 25, metric: str = "l2", init: str = "k-means||", seed: int = 1234,
+def kmeans(source, k: int, *, niter: int = 25, metric: str = "l2", init: str = "random", seed: int = 1234,
            max_points_per_centroid: int = 256, client=None, workers: int | None = None,
            scheduler: str | None = None, column: str | None = None, storage_options: dict | None = None,
            chunk_rows: int | None = None, progress: bool = False) -> KMeansResult:
