@@ -1,0 +1,50 @@
+"""A real kill: SIGKILL the whole `distann build` process group mid-build, then rerun."""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+import distann
+from distann.synthetic import write_npy
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "distann.cli", "--log-level", "WARNING", *args]
+
+
+def test_killed_build_leaves_old_index_and_resumes(tmp_path):
+    src = str(tmp_path / "base.npy")
+    write_npy(src, 60_000, 16)
+    url = str(tmp_path / "idx.zarr")
+    common = ["--workers", "2", "--chunk-rows", "2000", "--niter", "4"]
+    subprocess.run(_cli("build", src, url, "--spec", "IVF8,Flat", *common), check=True, timeout=300)
+    xq = np.load(src)[:20]
+    _, I_old = distann.open_index(url).search(xq, k=5, nprobe=2)
+
+    # a rebuild with another nlist, killed (SIGKILL, client and cluster alike) once add tasks finish
+    proc = subprocess.Popen(_cli("build", src, url, "--spec", "IVF16,Flat", "--overwrite", *common),
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if len(glob.glob(os.path.join(url, "g000002", "staging", "*", "DONE"))) >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the build ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+
+    old = distann.open_index(url)                      # the committed index is intact
+    assert old.nlist == 8
+    np.testing.assert_array_equal(old.search(xq, k=5, nprobe=2)[1], I_old)
+
+    subprocess.run(_cli("build", src, url, "--spec", "IVF16,Flat", "--overwrite", *common), check=True, timeout=300)
+    new = distann.open_index(url)
+    assert new.nlist == 16 and new.manifest.build["resumed_chunks"] >= 3
+    assert np.array_equal(np.sort(new.lists.load_all()[1]), np.arange(60_000))
