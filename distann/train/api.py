@@ -17,6 +17,8 @@ from distann.train.sampling import ChunkScan, raise_if_nonfinite, sample_row_ids
 
 log = logging.getLogger(__name__)
 
+_SAMPLE_BLOCK = 65536  # sample rows per training block
+
 
 def check_positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -43,11 +45,26 @@ def collect_sample(client, source, chunks, n_sample: int, seed: int, normalize: 
     rows = sample_row_ids(source.n, n_sample, seed)
     rows_f = client.scatter(rows, broadcast=True)
     futs = [client.submit(scan_chunk, source, c.start, c.stop, rows_f, normalize, pure=False) for c in chunks]
-    scans = [f[0] for f in wait_all(futs, "scan", progress)]
+    # only the small per-chunk scans travel to the client; the sample stays on the workers
+    scans = wait_all([client.submit(operator.getitem, f, 0, pure=False) for f in futs], "scan", progress)
     raise_if_nonfinite(scans)
-    blocks = [client.submit(operator.getitem, f, 1, pure=False) for f in futs]
     sizes = np.array([np.count_nonzero((rows >= c.start) & (rows < c.stop)) for c in chunks], dtype=np.int64)
-    return blocks, sizes, scans
+    # consecutive chunk samples are concatenated into blocks of about _SAMPLE_BLOCK rows: few,
+    # large tasks per Lloyd iteration, and a grouping that does not depend on the cluster
+    blocks, block_sizes, group, acc = [], [], [], 0
+    for i, size in enumerate(sizes):
+        if size:
+            group.append(client.submit(operator.getitem, futs[i], 1, pure=False))
+            acc += int(size)
+        if group and (acc >= _SAMPLE_BLOCK or i == len(sizes) - 1):
+            blocks.append(group[0] if len(group) == 1 else client.submit(_concat, *group, pure=False))
+            block_sizes.append(acc)
+            group, acc = [], 0
+    return blocks, np.array(block_sizes, dtype=np.int64), scans
+
+
+def _concat(*parts: np.ndarray) -> np.ndarray:
+    return np.concatenate(parts)
 
 
 def kmeans(source, k: int, *, niter: int = 25, metric: str = "l2", init: str = "random", seed: int = 1234,
