@@ -26,7 +26,7 @@ from distann.codecs import make_codec
 from distann.store.location import Location
 from distann.train.sampling import normalize_rows
 
-_ASSIGN_SUB = 8192  # rows per assignment GEMM: (8192 x nlist) float32 scores
+_ASSIGN_SUB = 2048  # rows per assignment GEMM: a (2048 x nlist) float32 score block stays in cache
 
 
 class InjectedFault(RuntimeError):

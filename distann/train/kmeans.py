@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 INITS = ("k-means||", "k-means++", "random")
 MIN_POINTS_PER_CENTROID = 39
-_SUB = 8192            # rows per distance sub-block: caps a (rows x k) float32 matrix at 8192 * k * 4 bytes
+_SUB = 2048            # rows per distance sub-block: a (2048 x k) float32 score block stays in cache
 _SPLIT_EPS = 1.0 / 1024.0
 _KPAR_ROUNDS = 5
 _KPAR_OVERSAMPLE = 2.0  # candidates drawn per round, in multiples of k (Bahmani et al.: 0.5-2)
@@ -60,7 +60,7 @@ class KMeansResult:
 def block_stats(block: np.ndarray, centroids: np.ndarray, spherical: bool):
     """Per-centroid (sums float64 (k, d), counts int64 (k,), objective) of one sample block.
 
-    Peak memory: one (8192 x k) float32 score matrix.
+    Peak memory: one (2048 x k) float32 score matrix.
     """
     from distann.train._assign import assign_accumulate
 
