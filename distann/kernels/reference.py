@@ -1,0 +1,150 @@
+"""NumPy reference kernels: the truth every other backend is tested against.
+
+Simple and obviously correct rather than fast: distances are computed in float64 by direct
+differences (no ``||q||^2 + ||x||^2 - 2<q, x>`` norm trick, so no cancellation on offset data)
+and results are ordered by a stable sort on (distance, id). Python loops over lists and pairs
+make it slow; use it on small inputs only. Signatures and conventions: ``distann.kernels.base``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from distann.errors import ValidationError
+
+name = "numpy"
+
+_METRICS = ("l2", "ip")
+
+
+def _check_metric(metric: str) -> bool:
+    """Return True for "ip", False for "l2"; raise ValidationError otherwise."""
+    if metric not in _METRICS:
+        raise ValidationError("metric", metric, "must be 'l2' or 'ip'")
+    return metric == "ip"
+
+
+def _distances(q: np.ndarray, x: np.ndarray, is_ip: bool) -> np.ndarray:
+    """float64 distances (l2: squared, by direct differences) or inner products of q to rows of x."""
+    q64 = q.astype(np.float64)
+    x64 = x.astype(np.float64)
+    if is_ip:
+        return x64 @ q64
+    diff = x64 - q64[None, :]
+    return np.einsum("ij,ij->i", diff, diff)
+
+
+def _order(dist: np.ndarray, ids: np.ndarray, is_ip: bool) -> np.ndarray:
+    """Indices sorting candidates best first, ties by smaller id (stable lexicographic sort)."""
+    primary = -dist if is_ip else dist
+    return np.lexsort((ids, primary))
+
+
+def _pad(shape: tuple[int, ...], is_ip: bool) -> tuple[np.ndarray, np.ndarray]:
+    D = np.full(shape, -np.inf if is_ip else np.inf, dtype=np.float32)
+    I = np.full(shape, -1, dtype=np.int64)
+    return D, I
+
+
+def coarse_quantize(xq: np.ndarray, centroids: np.ndarray, nprobe: int,
+                    metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``nprobe`` centroids per query, (nq, nprobe), best first, ties by smaller index."""
+    is_ip = _check_metric(metric)
+    nq = xq.shape[0]
+    D, I = _pad((nq, nprobe), is_ip)
+    idx = np.arange(centroids.shape[0], dtype=np.int64)
+    for qi in range(nq):
+        dist = _distances(xq[qi], centroids, is_ip)
+        sel = _order(dist, idx, is_ip)[:nprobe]
+        D[qi, : len(sel)] = dist[sel]
+        I[qi, : len(sel)] = idx[sel]
+    return D, I
+
+
+def _pair_candidates(xq, xb, ids, list_offsets, group_offsets, group_queries, group_limits,
+                     valid, j, g, is_ip):
+    """Distances and ids of the vectors pair ``g`` of list ``j`` may return."""
+    lo, hi = int(list_offsets[j]), int(list_offsets[j + 1])
+    lim = max(0, min(int(group_limits[g]), hi - lo))
+    rows = np.arange(lo, lo + lim)
+    if valid.shape[0] > 0:
+        rows = rows[valid[rows] != 0]
+    dist = _distances(xq[group_queries[g]], xb[rows], is_ip)
+    return dist, ids[rows]
+
+
+def scan_lists(xq: np.ndarray, xb: np.ndarray, ids: np.ndarray, list_offsets: np.ndarray,
+               centers: np.ndarray, group_offsets: np.ndarray, group_queries: np.ndarray,
+               group_slots: np.ndarray, group_limits: np.ndarray, valid: np.ndarray,
+               nprobe: int, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-(query, probe) top-``k``, shape (nq, nprobe, k). ``centers`` is not needed here:
+    float64 direct differences do not suffer from cancellation."""
+    is_ip = _check_metric(metric)
+    D, I = _pad((xq.shape[0], nprobe, k), is_ip)
+    for j in range(len(list_offsets) - 1):
+        for g in range(int(group_offsets[j]), int(group_offsets[j + 1])):
+            dist, cid = _pair_candidates(xq, xb, ids, list_offsets, group_offsets, group_queries,
+                                         group_limits, valid, j, g, is_ip)
+            sel = _order(dist, cid, is_ip)[:k]
+            qi, s = group_queries[g], group_slots[g]
+            D[qi, s, : len(sel)] = dist[sel]
+            I[qi, s, : len(sel)] = cid[sel]
+    return D, I
+
+
+def merge_topk(D: np.ndarray, I: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Best ``k`` of each row of (nq, m) candidates; entries with id -1 are padding and ignored."""
+    is_ip = _check_metric(metric)
+    nq = D.shape[0]
+    Do, Io = _pad((nq, k), is_ip)
+    for qi in range(nq):
+        keep = I[qi] >= 0
+        dist, cid = D[qi][keep].astype(np.float64), I[qi][keep]
+        sel = _order(dist, cid, is_ip)[:k]
+        Do[qi, : len(sel)] = dist[sel]
+        Io[qi, : len(sel)] = cid[sel]
+    return Do, Io
+
+
+def range_scan_lists(xq: np.ndarray, xb: np.ndarray, ids: np.ndarray, list_offsets: np.ndarray,
+                     centers: np.ndarray, group_offsets: np.ndarray, group_queries: np.ndarray,
+                     group_limits: np.ndarray, valid: np.ndarray, radius: float,
+                     metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All results with distance < radius (l2) / similarity > radius (ip): ``(lims, D, I)``."""
+    is_ip = _check_metric(metric)
+    nq = xq.shape[0]
+    per_q_d: list[list[np.ndarray]] = [[] for _ in range(nq)]
+    per_q_i: list[list[np.ndarray]] = [[] for _ in range(nq)]
+    for j in range(len(list_offsets) - 1):
+        for g in range(int(group_offsets[j]), int(group_offsets[j + 1])):
+            dist, cid = _pair_candidates(xq, xb, ids, list_offsets, group_offsets, group_queries,
+                                         group_limits, valid, j, g, is_ip)
+            keep = dist > radius if is_ip else dist < radius
+            per_q_d[group_queries[g]].append(dist[keep])
+            per_q_i[group_queries[g]].append(cid[keep])
+    lims = np.zeros(nq + 1, dtype=np.int64)
+    Ds, Is = [], []
+    for qi in range(nq):
+        dist = np.concatenate(per_q_d[qi]) if per_q_d[qi] else np.zeros(0)
+        cid = np.concatenate(per_q_i[qi]) if per_q_i[qi] else np.zeros(0, dtype=np.int64)
+        sel = _order(dist, cid, is_ip)
+        Ds.append(dist[sel].astype(np.float32))
+        Is.append(cid[sel].astype(np.int64))
+        lims[qi + 1] = lims[qi] + len(sel)
+    D = np.concatenate(Ds) if Ds else np.zeros(0, dtype=np.float32)
+    I = np.concatenate(Is) if Is else np.zeros(0, dtype=np.int64)
+    return lims, D.astype(np.float32), I.astype(np.int64)
+
+
+def exact_knn(xq: np.ndarray, xb: np.ndarray, ids: np.ndarray, k: int,
+              metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force top-``k`` of each query against all rows of ``xb``: (nq, k), padded."""
+    is_ip = _check_metric(metric)
+    nq = xq.shape[0]
+    D, I = _pad((nq, k), is_ip)
+    for qi in range(nq):
+        dist = _distances(xq[qi], xb, is_ip)
+        sel = _order(dist, ids, is_ip)[:k]
+        D[qi, : len(sel)] = dist[sel]
+        I[qi, : len(sel)] = ids[sel]
+    return D, I
