@@ -16,6 +16,10 @@ from distann.errors import ValidationError
 
 log = logging.getLogger(__name__)
 
+#: environment of embedded worker processes: one compute thread each (Dask already sets the
+#: BLAS variables; Numba's kernels would otherwise start one thread per core in every worker)
+WORKER_ENV = {"NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
 
 def _check_workers(workers: object) -> None:
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
@@ -48,7 +52,7 @@ def client_context(workers: int | None = None, scheduler: str | None = None,
         return
     n = workers or os.cpu_count() or 1
     with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address="127.0.0.1:0", memory_limit=memory_limit) as cluster, \
+                      dashboard_address="127.0.0.1:0", memory_limit=memory_limit, env=WORKER_ENV) as cluster, \
             Client(cluster) as c:
         log.info("started local Dask cluster: %d worker process(es); dashboard: %s", n, c.dashboard_link)
         yield c
