@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import subprocess
 import sys
 import time
 
@@ -53,11 +54,26 @@ def bench_faiss(path: str, nlist: int, niter: int, threads: int) -> dict:
     index = faiss.IndexIVFFlat(quantizer, d, nlist)
     index.cp.niter = niter
     index.train(x)
+    t_train = time.perf_counter() - t0
     index.add(x)
     seconds = time.perf_counter() - t0
     sizes = np.array([index.invlists.list_size(i) for i in range(nlist)], dtype=np.float64)
-    return {"seconds": seconds, "threads": threads,
+    return {"seconds": seconds, "train_seconds": t_train, "add_seconds": seconds - t_train, "threads": threads,
             "imbalance": float((sizes ** 2).sum() * nlist / sizes.sum() ** 2)}
+
+
+def measure_one(args) -> int:
+    """One size, in this (fresh) process: distann first, then faiss; prints one JSON line."""
+    n = args.one
+    path = os.path.join(args.data, f"synthetic-{n}x{args.d}.npy")
+    raw = n * args.d * 4
+    ours = bench_distann(path, os.path.join(args.data, f"index-{n}.zarr"), args.nlist, args.niter, args.workers)
+    theirs = bench_faiss(path, args.nlist, args.niter, args.workers)
+    print(json.dumps({"n": n, "d": args.d, "nlist": args.nlist, "niter": args.niter, "raw_bytes": raw,
+                      "distann": ours, "faiss": theirs, "time_ratio": ours["seconds"] / theirs["seconds"],
+                      "peak_rss_fraction_of_raw": ours["peak_rss_bytes"] / raw,
+                      "peak_pss_fraction_of_raw": ours["peak_pss_bytes"] / raw}))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,7 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=os.cpu_count())
     p.add_argument("--data", default="data/bench")
     p.add_argument("--out", default="bench-out")
+    p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # internal: one size, JSON to stdout
     args = p.parse_args(argv)
+    if args.one is not None:
+        return measure_one(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("distann.train.kmeans").setLevel(logging.WARNING)
     os.makedirs(args.data, exist_ok=True)
@@ -80,18 +99,15 @@ def main(argv: list[str] | None = None) -> int:
         if not os.path.exists(path):
             log.info("writing %s", path)
             write_npy(path, n, args.d)
-        raw = n * args.d * 4
-        log.info("distann build, n=%d", n)
-        ours = bench_distann(path, os.path.join(args.data, f"index-{n}.zarr"), args.nlist, args.niter, args.workers)
-        log.info("faiss build, n=%d", n)
-        theirs = bench_faiss(path, args.nlist, args.niter, args.workers)
-        rows.append({"n": n, "d": args.d, "nlist": args.nlist, "niter": args.niter, "raw_bytes": raw,
-                     "distann": ours, "faiss": theirs, "time_ratio": ours["seconds"] / theirs["seconds"],
-                     "peak_rss_fraction_of_raw": ours["peak_rss_bytes"] / raw,
-                     "peak_pss_fraction_of_raw": ours["peak_pss_bytes"] / raw})
+        # each size in a fresh process, so that memory left over by earlier work is not counted
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", str(n), "--d", str(args.d),
+                              "--nlist", str(args.nlist), "--niter", str(args.niter), "--workers", str(args.workers),
+                              "--data", args.data], check=True, stdout=subprocess.PIPE, text=True).stdout
+        row = json.loads(out.strip().splitlines()[-1])
+        rows.append(row)
         log.info("n=%d distann %.1f s, faiss %.1f s, ratio %.2f, peak RSS %.0f MiB (%.0f%% of raw)", n,
-                 ours["seconds"], theirs["seconds"], rows[-1]["time_ratio"], ours["peak_rss_bytes"] / 2**20,
-                 100 * rows[-1]["peak_rss_fraction_of_raw"])
+                 row["distann"]["seconds"], row["faiss"]["seconds"], row["time_ratio"],
+                 row["distann"]["peak_rss_bytes"] / 2**20, 100 * row["peak_rss_fraction_of_raw"])
     growth = (rows[-1]["distann"]["peak_rss_bytes"] / rows[0]["distann"]["peak_rss_bytes"] - 1) if len(rows) > 1 else 0.0
     result = {"machine": machine(), "workers": args.workers, "rows": rows, "peak_rss_growth_first_to_last": growth}
     with open(os.path.join(args.out, "build.json"), "w") as f:
@@ -106,8 +122,15 @@ def main(argv: list[str] | None = None) -> int:
                      f"{100 * r['peak_rss_fraction_of_raw']:.0f}% |")
     lines.append("")
     lines.append(f"Peak RSS growth from n={rows[0]['n']:,} to n={rows[-1]['n']:,}: {100 * growth:+.1f}% (target <= +10%). "
-                 f"Idle cluster (client + scheduler + {args.workers} nannies + {args.workers} workers) before the "
-                 f"build: {rows[-1]['distann']['idle_cluster_rss_bytes'] / 2**20:,.0f} MiB RSS.")
+                 f"Idle cluster (client process with scheduler and nannies + {args.workers} worker processes) before "
+                 f"the build: {rows[-1]['distann']['idle_cluster_rss_bytes'] / 2**20:,.0f} MiB RSS.")
+    lines.append("")
+    lines.append("| n | distann scan / train / add / merge (s) | faiss train / add (s) |")
+    lines.append("|---|---|---|")
+    for r in rows:
+        t, f = r["distann"]["timings"], r["faiss"]
+        lines.append(f"| {r['n']:,} | {t.get('scan_s', 0):.1f} / {t['train_s'] - t.get('scan_s', 0):.1f} / "
+                     f"{t['add_s']:.1f} / {t['merge_s']:.1f} | {f['train_seconds']:.1f} / {f['add_seconds']:.1f} |")
     with open(os.path.join(args.out, "build.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -71,11 +71,12 @@ class Location:
     def read_bytes(self, rel: str, start: int | None = None, end: int | None = None) -> bytes:
         return self.fs.cat_file(self.path(rel), start=start, end=end)
 
-    def write_bytes(self, rel: str, data: bytes | memoryview) -> None:
+    def write_bytes(self, rel: str, data: bytes | memoryview, durable: bool = False) -> None:
         """Write a whole file atomically (temporary name then rename on local disks).
 
         ``data`` may be any buffer (e.g. ``ndarray.data``): on local disks it is written
-        without a copy."""
+        without a copy. Atomicity protects against killed processes; ``durable`` also fsyncs
+        the file before the rename (against power loss) — used for the manifest, the commit."""
         target = self.path(rel)
         parent = posixpath.dirname(target)
         if self.is_local:
@@ -83,8 +84,9 @@ class Location:
             tmp = f"{target}.tmp-{uuid.uuid4().hex}"
             with open(tmp, "wb") as f:
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
             os.replace(tmp, target)
         else:
             self.fs.makedirs(parent, exist_ok=True)
@@ -93,8 +95,8 @@ class Location:
     def read_json(self, rel: str) -> Any:
         return json.loads(self.read_bytes(rel))
 
-    def write_json(self, rel: str, obj: Any) -> None:
-        self.write_bytes(rel, json.dumps(obj, indent=1, sort_keys=True).encode())
+    def write_json(self, rel: str, obj: Any, durable: bool = False) -> None:
+        self.write_bytes(rel, json.dumps(obj, indent=1, sort_keys=True).encode(), durable)
 
     def remove(self, rel: str) -> None:
         """Remove a file or a whole folder; missing paths are fine."""

@@ -117,4 +117,4 @@ def manifest_exists(loc: Location) -> bool:
 
 def write_manifest(loc: Location, manifest: Manifest) -> None:
     """The commit: one atomic write of ``manifest.json``."""
-    loc.write_json(MANIFEST_PATH, manifest.to_json())
+    loc.write_json(MANIFEST_PATH, manifest.to_json(), durable=True)
