@@ -3,7 +3,7 @@
 
     python jobs/bench_build.py [--sizes 2000000 4000000] [--d 96] [--nlist 1024]
 
-Writes bench-out/build.json and bench-out/build.md. Figures are what this run measured.
+Writes docs/benchmarks/build.json and build.md. Figures are what this run measured.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--niter", type=int, default=10, help="k-means iterations for both (Faiss IVF default: 10)")
     p.add_argument("--workers", type=int, default=os.cpu_count())
     p.add_argument("--data", default="data/bench")
-    p.add_argument("--out", default="bench-out")
+    p.add_argument("--out", default="docs/benchmarks")
     p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # internal: one size, JSON to stdout
     args = p.parse_args(argv)
     if args.one is not None:

@@ -6,7 +6,7 @@ IndexIVFFlat, same data, same machine, same number of threads, in one run.
 For each system: the recall/QPS curve over nprobe, the batch QPS at the smallest nprobe whose
 10-recall@10 >= 0.9, and single-query latency (median, p99 over 1000 one-vector calls) there.
 Also: distann ids vs the NumPy reference backend, and the fraction of the machine's SGEMM
-throughput (measured here) that the batch scan reaches. Writes bench-out/search.{json,md,png}.
+throughput (measured here) that the batch scan reaches. Writes docs/benchmarks/search.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--latency-calls", type=int, default=1000)
     p.add_argument("--data", default="data/bench")
-    p.add_argument("--out", default="bench-out")
+    p.add_argument("--out", default="docs/benchmarks")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("distann.train.kmeans").setLevel(logging.WARNING)
