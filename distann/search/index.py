@@ -9,6 +9,7 @@ partial top-k are merged.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -40,6 +41,8 @@ class SearchParams:
 
 def open_index(url: str, *, storage_options: dict | None = None, cache_bytes: int | None = None) -> "Index":
     """Open the committed index at ``url`` (IndexFormatError if there is none or it is unreadable)."""
+    if isinstance(url, os.PathLike):
+        url = os.fspath(url)
     if not isinstance(url, str) or not url:
         raise ValidationError("url", url, "a non-empty path or URL of an index")
     loc = Location(url, dict(storage_options or {}))
