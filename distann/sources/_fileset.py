@@ -167,7 +167,31 @@ def check_consistent(req: OpenRequest, shapes: Sequence[tuple[str, int, np.dtype
     return d0, dtype0
 
 
-class FileSetVectorSource(VectorSource):
+class _FileSetRows:
+    """What both file-set sources share: reading a row range piece by piece across files."""
+
+    _files: FileSet
+    n: int
+
+    def _read_into(self, start: int, stop: int, out: np.ndarray) -> None:
+        fs = self._files.fs
+        for i, lo, hi, pos in self._files.pieces(start, stop):
+            self._read_file(fs, self._files.entries[i], self._files.metas[i], lo, hi, out[pos : pos + hi - lo])
+
+    def _read_file(self, fs: Any, entry: FileEntry, meta: Any, lo: int, hi: int, out: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _task_source(self, start: int, stop: int):
+        sub = copy.copy(self)
+        sub._files, offset = self._files.subset(start, stop)
+        sub.n = sub._files.n
+        return sub, offset
+
+    def _token(self) -> tuple[Any, ...]:
+        return (type(self).__name__, self.url, self.fingerprint, self.n)
+
+
+class FileSetVectorSource(_FileSetRows, VectorSource):
     """A :class:`VectorSource` over a :class:`FileSet`; formats implement ``_read_file``."""
 
     format_name = "files"
@@ -187,25 +211,8 @@ class FileSetVectorSource(VectorSource):
         """The fs-internal paths of the files, in row order."""
         return [e.path for e in self._files.entries]
 
-    def _read_into(self, start: int, stop: int, out: np.ndarray) -> None:
-        fs = self._files.fs
-        for i, lo, hi, pos in self._files.pieces(start, stop):
-            self._read_file(fs, self._files.entries[i], self._files.metas[i], lo, hi, out[pos : pos + hi - lo])
 
-    def _read_file(self, fs: Any, entry: FileEntry, meta: Any, lo: int, hi: int, out: np.ndarray) -> None:
-        raise NotImplementedError
-
-    def _task_source(self, start: int, stop: int) -> tuple[FileSetVectorSource, int]:
-        sub = copy.copy(self)
-        sub._files, offset = self._files.subset(start, stop)
-        sub.n = sub._files.n
-        return sub, offset
-
-    def _token(self) -> tuple[Any, ...]:
-        return (type(self).__name__, self.url, self.fingerprint, self.n)
-
-
-class FileSetIdSource(IdSource):
+class FileSetIdSource(_FileSetRows, IdSource):
     """An :class:`IdSource` over a :class:`FileSet`; formats implement ``_read_file``."""
 
     format_name = "files"
@@ -218,23 +225,6 @@ class FileSetIdSource(IdSource):
         self.column = column
         self._files = files
         self.fingerprint = files.fingerprint(self.format_name + "-ids", column)
-
-    def _read_into(self, start: int, stop: int, out: np.ndarray) -> None:
-        fs = self._files.fs
-        for i, lo, hi, pos in self._files.pieces(start, stop):
-            self._read_file(fs, self._files.entries[i], self._files.metas[i], lo, hi, out[pos : pos + hi - lo])
-
-    def _read_file(self, fs: Any, entry: FileEntry, meta: Any, lo: int, hi: int, out: np.ndarray) -> None:
-        raise NotImplementedError
-
-    def _task_source(self, start: int, stop: int) -> tuple[FileSetIdSource, int]:
-        sub = copy.copy(self)
-        sub._files, offset = self._files.subset(start, stop)
-        sub.n = sub._files.n
-        return sub, offset
-
-    def _token(self) -> tuple[Any, ...]:
-        return (type(self).__name__, self.url, self.fingerprint, self.n)
 
 
 def read_range(fs: Any, path: str, start: int, stop: int, param: str, url: str) -> bytes:
