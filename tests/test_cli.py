@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
+import distann
 from distann.cli import build_parser, main, read_ground_truth
 from distann.errors import ValidationError
 from distann.synthetic import write_npy
@@ -219,3 +220,15 @@ def test_read_ground_truth_formats(tmp_path):
         read_ground_truth(str(tmp_path / "f.npy"))
     with pytest.raises(ValidationError, match="--gt"):
         read_ground_truth(str(tmp_path / "g.txt"))
+
+
+def test_build_joins_a_running_scheduler(client, tmp_path):
+    """--scheduler ADDRESS joins an existing cluster (here the session's LocalCluster) and
+    leaves it running."""
+    src = str(tmp_path / "base.npy")
+    write_npy(src, 3000, 8)
+    idx = str(tmp_path / "joined.zarr")
+    address = client.scheduler.address
+    assert run(["build", src, idx, "--spec", "IVF4,Flat", "--niter", "3", "--scheduler", address]) == 0
+    assert distann.open_index(idx).ntotal == 3000
+    assert len(client.scheduler_info()["workers"]) == 2  # the cluster we joined is still up
