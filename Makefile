@@ -32,4 +32,5 @@ bench-search: $(VENV)/.installed
 	$(PY) jobs/bench_search.py
 
 clean:
-	rm -rf $(VENV) data out bench-out .pytest_cache
+	rm -rf $(VENV) data out .pytest_cache
+	find distann -name __pycache__ -type d -prune -exec rm -rf {} +  # also Numba's on-disk kernel cache
