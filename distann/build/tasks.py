@@ -44,11 +44,15 @@ def assign_nearest(x: np.ndarray, centroids: np.ndarray, spherical: bool) -> np.
     """Index of the nearest centroid of every row (l2) or of the largest inner product (ip)."""
     from distann.train._assign import assign_labels
 
+    from distann.train.kmeans import _scores_into, aligned
+
+    x, centroids = aligned(x), aligned(centroids)
     out = np.empty(len(x), dtype=np.int64)
     c_norms = np.einsum("ij,ij->i", centroids, centroids)
     ct = np.ascontiguousarray(centroids.T)
+    buf = np.empty((min(_ASSIGN_SUB, len(x)), len(centroids)), dtype=np.float32)
     for s in range(0, len(x), _ASSIGN_SUB):
-        assign_labels(x[s:s + _ASSIGN_SUB] @ ct, c_norms, spherical, out[s:s + _ASSIGN_SUB])
+        assign_labels(_scores_into(x[s:s + _ASSIGN_SUB], ct, buf), c_norms, spherical, out[s:s + _ASSIGN_SUB])
     return out
 
 
