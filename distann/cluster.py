@@ -11,8 +11,12 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from distann.errors import ValidationError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from distributed import Client
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +32,7 @@ def _check_workers(workers: object) -> None:
 
 @contextlib.contextmanager
 def client_context(workers: int | None = None, scheduler: str | None = None,
-                   client=None, memory_limit: str | None = "auto") -> Iterator["distributed.Client"]:
+                   client=None, memory_limit: str | None = "auto") -> Iterator[Client]:
     """Yield a ``distributed.Client``.
 
     ``client`` given: yield it unchanged (the caller owns it). ``scheduler`` given: connect to

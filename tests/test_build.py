@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 import pytest
-import zarr
 
 import distann
 from distann.build.tasks import InjectedFault
-from distann.errors import IndexExistsError, IndexFormatError, ValidationError
+from distann.errors import IndexFormatError, ValidationError
 from tests.ann_helpers import assert_same_neighbours, brute_force, dataset
 
 N, D, NQ, NLIST = 6000, 24, 60, 32
