@@ -24,9 +24,8 @@ import zarr
 from distann.build.plan import ChunkTask, ShardTask, chunk_rows_for_codes, list_order
 from distann.codecs import make_codec
 from distann.store.location import Location
+from distann.train.kmeans import nearest
 from distann.train.sampling import normalize_rows
-
-_ASSIGN_SUB = 2048  # rows per assignment GEMM: a (2048 x nlist) float32 score block stays in cache
 
 
 class InjectedFault(RuntimeError):
@@ -38,22 +37,6 @@ def _maybe_fail(stage: str, name: str) -> None:
     # part of its output (a crash partway). Not part of any public signature.
     if os.environ.get("DISTANN_FAIL_TASK") == f"{stage}:{name}":
         raise InjectedFault(f"injected failure in {stage} task {name}")
-
-
-def assign_nearest(x: np.ndarray, centroids: np.ndarray, spherical: bool) -> np.ndarray:
-    """Index of the nearest centroid of every row (l2) or of the largest inner product (ip)."""
-    from distann.train._assign import assign_labels
-
-    from distann.train.kmeans import _scores_into, aligned
-
-    x, centroids = aligned(x), aligned(centroids)
-    out = np.empty(len(x), dtype=np.int64)
-    c_norms = np.einsum("ij,ij->i", centroids, centroids)
-    ct = np.ascontiguousarray(centroids.T)
-    buf = np.empty((min(_ASSIGN_SUB, len(x)), len(centroids)), dtype=np.float32)
-    for s in range(0, len(x), _ASSIGN_SUB):
-        assign_labels(_scores_into(x[s:s + _ASSIGN_SUB], ct, buf), c_norms, spherical, out[s:s + _ASSIGN_SUB])
-    return out
 
 
 @dataclass(frozen=True)
@@ -82,7 +65,7 @@ def add_chunk(ctx: AddContext, chunk: ChunkTask, source, ids_source, centroids: 
         x = normalize_rows(x)
     ids = (np.arange(chunk.start, chunk.stop, dtype=np.int64) if ids_source is None
            else ids_source.read(chunk.start, chunk.stop))
-    assign = assign_nearest(x, centroids, spherical=ctx.metric != "l2")
+    assign = nearest(x, centroids, spherical=ctx.metric != "l2")
     order, offsets = list_order(assign, ctx.nlist)
     codes = make_codec(ctx.codec, ctx.d).encode(x[order])
     del x

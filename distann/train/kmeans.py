@@ -127,17 +127,24 @@ def kpar_pick(block: np.ndarray, mind: np.ndarray, ell: float, phi: float, seed)
     return np.ascontiguousarray(block[rng.random(len(block)) < p])
 
 
-def kpar_weights(block: np.ndarray, cand: np.ndarray) -> np.ndarray:
+def nearest(x: np.ndarray, centroids: np.ndarray, spherical: bool) -> np.ndarray:
+    """Index of the nearest centroid of every row (l2) or of the largest inner product (ip).
+
+    Peak memory: one (2048 x k) float32 score block besides the labels."""
     from distann.train._assign import assign_labels
 
-    block, cand = aligned(block), aligned(cand)
-    labels = np.empty(len(block), dtype=np.int64)
-    c_norms = np.einsum("ij,ij->i", cand, cand)
-    ct = np.ascontiguousarray(cand.T)
-    buf = np.empty((min(_SUB, len(block)), len(cand)), dtype=np.float32)
-    for s in range(0, len(block), _SUB):
-        assign_labels(_scores_into(block[s:s + _SUB], ct, buf), c_norms, False, labels[s:s + _SUB])
-    return np.bincount(labels, minlength=len(cand)).astype(np.int64)
+    x, centroids = aligned(x), aligned(centroids)
+    labels = np.empty(len(x), dtype=np.int64)
+    c_norms = np.einsum("ij,ij->i", centroids, centroids)
+    ct = np.ascontiguousarray(centroids.T)
+    buf = np.empty((min(_SUB, len(x)), len(centroids)), dtype=np.float32)
+    for s in range(0, len(x), _SUB):
+        assign_labels(_scores_into(x[s:s + _SUB], ct, buf), c_norms, spherical, labels[s:s + _SUB])
+    return labels
+
+
+def kpar_weights(block: np.ndarray, cand: np.ndarray) -> np.ndarray:
+    return np.bincount(nearest(block, cand, False), minlength=len(cand)).astype(np.int64)
 
 
 def _sum(x: np.ndarray) -> float:
