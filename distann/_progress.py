@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
-def wait_all(futures: Sequence, desc: str, progress: bool) -> list:
-    """Results of ``futures`` in order; raises the first task error as soon as it happens."""
+def wait_all(futures: Sequence, desc: str, progress: bool, gather: bool = True) -> list | None:
+    """Wait for ``futures``, raising the first task error as soon as it happens; return their
+    results in order, or None with ``gather=False`` (results stay on the workers)."""
     from distributed import as_completed
 
     bar = None
@@ -22,4 +23,4 @@ def wait_all(futures: Sequence, desc: str, progress: bool) -> list:
     finally:
         if bar is not None:
             bar.close()
-    return [f.result() for f in futures]
+    return [f.result() for f in futures] if gather else None

@@ -113,7 +113,7 @@ def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2"
         t0 = time.perf_counter()
         cf = c.scatter(centroids, broadcast=True)
         adds = [c.submit(add_chunk, ctx, ch, src, ids_src, cf, pure=False) for ch in chunks]
-        wait_all(adds, "add", progress)
+        wait_all(adds, "add", progress, gather=False)  # per-chunk counts are reduced on the workers
         list_sizes, skipped_chunks = tree_reduce(
             c, [c.submit(_as_pair, f, pure=False) for f in adds], _add_counts).result()
         del adds
@@ -124,7 +124,6 @@ def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2"
         merged = wait_all([c.submit(merge_shard, ctx, sh, chunks, pure=False) for sh in shards], "merge", progress)
         timings["merge_s"] = time.perf_counter() - t0
     # ---- commit
-    t0 = time.perf_counter()
     write_small_array(loc, f"{gen}/quantizer/list_sizes", list_sizes.astype(np.int64))
     entries = []
     for sh, (ntotal, checksum, _) in zip(shards, merged):
@@ -142,7 +141,6 @@ def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2"
                "resumed_chunks": int(skipped_chunks), "resumed_shards": int(sum(m[2] for m in merged)),
                "timings": {k: round(v, 3) for k, v in timings.items()}})
     write_manifest(loc, manifest)
-    timings["commit_s"] = time.perf_counter() - t0
     log.info("committed %s: %d vectors, %d lists, %d shards in %.1f s", loc.url, src.n, ispec.nlist,
              len(entries), time.perf_counter() - t_start)
     _cleanup(loc, gen)
