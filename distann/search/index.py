@@ -139,8 +139,12 @@ class Index:
             xq = normalize_rows(xq)
         return xq, nprobe, max_codes, allowed, kern
 
-    def _batches(self, nq: int):
+    def _batches(self, nq: int, per_query_bytes: int = 0):
+        """Query ranges of at most ``search.batch-size`` queries, fewer when the per-probe
+        partial results (``per_query_bytes`` a query) would pass 256 MiB."""
         step = int(config.get("search.batch-size"))
+        if per_query_bytes:
+            step = max(1, min(step, (256 << 20) // per_query_bytes))
         for s in range(0, nq, step):
             yield s, min(nq, s + step)
 
@@ -173,7 +177,7 @@ class Index:
         nq = len(xq)
         D = np.empty((nq, k), dtype=np.float32)
         I = np.empty((nq, k), dtype=np.int64)
-        for s, e in self._batches(nq):
+        for s, e in self._batches(nq, per_query_bytes=nprobe * k * 12):  # (nprobe, k) float32 + int64
             q = np.ascontiguousarray(xq[s:e])
             _, probes = kern.coarse_quantize(q, self.centroids, nprobe, kmetric)
             plan = plan_probes(probes, self.list_sizes, max_codes)
