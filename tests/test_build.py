@@ -31,16 +31,11 @@ def built(client, data, tmp_path_factory):
                              metric=m, client=client, **OPTS) for m in ("l2", "ip", "cosine")}
 
 
-def _all_lists(index):
-    xb, ids, offsets = index.lists.load_all()
-    return xb, ids, offsets
-
-
 def test_every_vector_in_exactly_one_list_at_its_nearest_centroid(built, data):
     xb, _ = data
     index = built["l2"]
     assert (index.ntotal, index.d, index.nlist, index.metric, index.spec) == (N, D, NLIST, "l2", f"IVF{NLIST},Flat")
-    stored, ids, offsets = _all_lists(index)
+    stored, ids, offsets = index.lists.load_all()
     assert np.array_equal(np.sort(ids), np.arange(N))                      # each id exactly once
     np.testing.assert_array_equal(stored, xb[ids])                          # Flat codes are the vectors
     lists = np.repeat(np.arange(NLIST), np.diff(offsets))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import zarr
@@ -34,10 +34,7 @@ class ReadStats:
     vectors_read: int = 0
     reads: int = 0
     cache_hits: int = 0
-    read_lists: set | None = None
-
-    def __post_init__(self) -> None:
-        self.read_lists = set()
+    read_lists: set[int] = field(default_factory=set)
 
 
 class ListStore:

@@ -38,7 +38,37 @@ DEFAULT_CHUNK_ROWS = 65536
 _STAMP_KEYS = ("ETag", "etag", "generation", "md5Hash", "mtime", "LastModified", "last_modified", "updated")
 
 
-class VectorSource(ABC):
+class _RowSource(ABC):
+    """What vector and id sources share: rows read by range into a fresh array, and the
+    identity Dask uses to name their tasks."""
+
+    url: str
+    n: int
+    fingerprint: str
+
+    def _read_new(self, start: int, stop: int, tail: tuple[int, ...], dtype: type) -> np.ndarray:
+        start, stop = check_range(start, stop, self.n)
+        out = np.empty((stop - start, *tail), dtype=dtype)
+        if stop > start:
+            self._read_into(start, stop, out)
+        return out
+
+    @abstractmethod
+    def _read_into(self, start: int, stop: int, out: np.ndarray) -> None:
+        """Write rows ``[start, stop)`` (validated, non-empty) into ``out``."""
+
+    def _task_source(self, start: int, stop: int) -> tuple[_RowSource, int]:
+        """The smallest source able to read rows ``[start, stop)`` and the row it starts at."""
+        return self, 0
+
+    def _token(self) -> tuple[Any, ...]:
+        return (type(self).__name__, self.url, self.fingerprint)
+
+    def __dask_tokenize__(self) -> tuple[Any, ...]:
+        return self._token()
+
+
+class VectorSource(_RowSource):
     """An (n, d) matrix of vectors readable by row range.
 
     Attributes: ``url`` (where it lives), ``n`` (rows), ``d`` (dimensions), ``dtype``
@@ -59,25 +89,7 @@ class VectorSource(ABC):
 
     def read_rows(self, start: int, stop: int) -> np.ndarray:
         """Rows ``[start, stop)`` as a new float32 C-contiguous (stop - start, d) array."""
-        start, stop = check_range(start, stop, self.n)
-        out = np.empty((stop - start, self.d), dtype=np.float32)
-        if stop > start:
-            self._read_into(start, stop, out)
-        return out
-
-    @abstractmethod
-    def _read_into(self, start: int, stop: int, out: np.ndarray) -> None:
-        """Write rows ``[start, stop)`` (validated, non-empty) into ``out`` (any numeric dtype)."""
-
-    def _task_source(self, start: int, stop: int) -> tuple[VectorSource, int]:
-        """The smallest source able to read rows ``[start, stop)`` and the row it starts at."""
-        return self, 0
-
-    def _token(self) -> tuple[Any, ...]:
-        return (type(self).__name__, self.url, self.fingerprint)
-
-    def __dask_tokenize__(self) -> tuple[Any, ...]:
-        return self._token()
+        return self._read_new(start, stop, (self.d,), np.float32)
 
     def to_dask(self, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> da.Array:
         """A float32 ``dask.array.Array`` of shape (n, d) chunked by ``chunk_rows`` rows.
@@ -90,7 +102,7 @@ class VectorSource(ABC):
         return f"{type(self).__name__}(url={self.url!r}, n={self.n}, d={self.d}, dtype={self.dtype})"
 
 
-class IdSource(ABC):
+class IdSource(_RowSource):
     """n int64 ids readable by range, aligned with the rows of a :class:`VectorSource`."""
 
     url: str
@@ -105,24 +117,7 @@ class IdSource(ABC):
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Ids ``[start, stop)`` as a new int64 array."""
-        start, stop = check_range(start, stop, self.n)
-        out = np.empty(stop - start, dtype=np.int64)
-        if stop > start:
-            self._read_into(start, stop, out)
-        return out
-
-    @abstractmethod
-    def _read_into(self, start: int, stop: int, out: np.ndarray) -> None:
-        """Write ids ``[start, stop)`` (validated, non-empty) into the int64 ``out``."""
-
-    def _task_source(self, start: int, stop: int) -> tuple[IdSource, int]:
-        return self, 0
-
-    def _token(self) -> tuple[Any, ...]:
-        return (type(self).__name__, self.url, self.fingerprint)
-
-    def __dask_tokenize__(self) -> tuple[Any, ...]:
-        return self._token()
+        return self._read_new(start, stop, (), np.int64)
 
     def to_dask(self, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> da.Array:
         """An int64 ``dask.array.Array`` of shape (n,) chunked by ``chunk_rows``."""

@@ -107,17 +107,20 @@ class _ZarrBase:
         state.pop("_arr", None)
         return state
 
+    def _open_request(self, req: OpenRequest) -> tuple[Any, str]:
+        """Record where the array is, open it; returns (array, its name for messages)."""
+        self.url = req.url
+        self.storage_options = dict(req.storage_options)
+        self.column = req.column
+        self._param = req.param
+        return self._array(), "the Zarr array" + (f" {req.column!r}" if req.column else "")
+
 
 class ZarrSource(_ZarrBase, VectorSource):
     """Vectors from a 2-D numeric Zarr array."""
 
     def __init__(self, req: OpenRequest):
-        self.url = req.url
-        self.storage_options = dict(req.storage_options)
-        self.column = req.column
-        self._param = req.param
-        arr = self._array()
-        where = "the Zarr array" + (f" {req.column!r}" if req.column else "")
+        arr, where = self._open_request(req)
         self.n, self.d = check_vector_shape(arr.shape, req.param, req.url, where)
         self.dtype = check_vector_dtype(np.dtype(arr.dtype), req.param, req.url, where)
         check_nonempty(self.n, req.param, req.url)
@@ -135,12 +138,7 @@ class ZarrIdSource(_ZarrBase, IdSource):
     """Ids from a 1-D (or (n, 1)) integer Zarr array."""
 
     def __init__(self, req: OpenRequest):
-        self.url = req.url
-        self.storage_options = dict(req.storage_options)
-        self.column = req.column
-        self._param = req.param
-        arr = self._array()
-        where = "the Zarr array" + (f" {req.column!r}" if req.column else "")
+        arr, where = self._open_request(req)
         self.n = check_id_shape(arr.shape, req.param, req.url, where)
         self.dtype = check_id_dtype(np.dtype(arr.dtype), req.param, req.url, where)
         check_nonempty(self.n, req.param, req.url)
