@@ -24,6 +24,7 @@ _EXPORTS = {
     "ValidationError": "distann.errors",
     "IndexFormatError": "distann.errors",
     "IndexExistsError": "distann.errors",
+    "BuildConflictError": "distann.errors",
 }
 
 __all__ = sorted([*_EXPORTS, "build", "__version__"])
@@ -50,7 +51,7 @@ def build(source, index_url, spec="IVF1024,Flat", metric="l2", ids=None, client=
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from distann.errors import DistannError, IndexExistsError, IndexFormatError, ValidationError
+    from distann.errors import BuildConflictError, DistannError, IndexExistsError, IndexFormatError, ValidationError
     from distann.evaluation import brute_force_knn, recall_at_k, sweep_nprobe
     from distann.search.index import Index, open_index
     from distann.sources import open_source

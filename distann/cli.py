@@ -1,11 +1,14 @@
-"""The ``distann`` command line: build, search, info, kmeans and eval.
+"""The ``distann`` command line: build, search, verify, info, kmeans and eval.
 
 Jobs (build, search, kmeans) take their settings from an optional YAML file
 (``--config``, see :mod:`distann.config` and ``configs/``) overridden by command line
-options; everything is validated before any work is scheduled. Progress and summaries go
-through :mod:`logging` (stderr); only ``info`` and ``eval`` write their results to stdout.
-A :class:`~distann.errors.DistannError` ends the command with its message (no traceback)
-and exit status 2, like an argparse usage error.
+options; everything is validated before any work is scheduled. Progress bars (one per
+stage, only when stderr is a terminal, off with ``--no-progress``) and log messages go to
+stderr (:mod:`distann.logs`); only ``info``, ``verify`` and ``eval`` write results to stdout.
+A :class:`~distann.errors.DistannError` ends the command with its message on one line (no
+traceback) and exit status 2, like an argparse usage error; SIGINT and SIGTERM stop it
+cleanly (status 130 and 143), shutting down the embedded cluster and leaving the committed
+index as it was.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import io
 import json
 import logging
 import os
+import re
+import signal
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -23,12 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from distann import config
+from distann import config, logs
 from distann.errors import DistannError, ValidationError
 
 log = logging.getLogger("distann.cli")
-
-_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 # --------------------------------------------------------------------------- parser
@@ -37,9 +40,11 @@ def _common() -> argparse.ArgumentParser:
     """Options accepted before or after the subcommand (SUPPRESS: a subparser keeps the global value)."""
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
-                   help="more logging (-v: DEBUG)")
-    p.add_argument("--log-level", type=str.upper, choices=_LEVELS, default=argparse.SUPPRESS,
-                   help="logging level (default INFO)")
+                   help="more logging: DEBUG messages of distann and Dask's own INFO messages")
+    p.add_argument("--log-level", type=str.upper, choices=logs.LEVELS, default=argparse.SUPPRESS,
+                   help="logging level of distann (default INFO); Dask logs at WARNING or above unless -v")
+    p.add_argument("--no-progress", action="store_true", default=argparse.SUPPRESS,
+                   help="no progress bars (they are shown only when stderr is a terminal)")
     return p
 
 
@@ -87,12 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("index", nargs="?", help="URL of the index (or `index` in the config)")
     p.add_argument("queries", nargs="?", help="URL of the queries (or `queries` in the config)")
     p.add_argument("--config", metavar="FILE.yaml", help="search job file; options given here override it")
+    _opt(p, "--column", "search", "column", metavar="C")
     _opt(p, "--k", "search", "k", type=int, metavar="K")
     _opt(p, "--nprobe", "search", "nprobe", type=int, metavar="P")
     _opt(p, "--out", "search", "out", metavar="RESULT.npz")
     _opt(p, "--radius", "search", "radius", type=float, metavar="R")
     _opt(p, "--max-codes", "search", "max_codes", type=int, metavar="N")
     _opt(p, "--batch-size", "search", "batch_size", type=int, metavar="N")
+
+    p = sub.add_parser("verify", parents=[common],
+                       help="read every array of an index and check it against the manifest's checksums")
+    p.add_argument("index", help="URL of the index")
 
     p = sub.add_parser("info", parents=[common], help="print the summary of an index as JSON")
     p.add_argument("index", help="URL of the index")
@@ -114,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("index", help="URL of the index")
     p.add_argument("queries", help="URL of the queries")
     p.add_argument("--gt", required=True, metavar="GT", help="ground-truth ids (nq, >=k): .npy or .ivecs")
+    p.add_argument("--column", metavar="C", help="vector column of Parquet queries (or the array of a Zarr group)")
     p.add_argument("--k", type=int, default=10, metavar="K", help="neighbours per query (default 10)")
     p.add_argument("--nprobe", type=int, nargs="+", default=[1], metavar="P",
                    help="nprobe values to evaluate (default 1)")
@@ -121,12 +132,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most vectors scanned per query (default: no limit)")
     p.add_argument("--repeats", type=int, default=1, metavar="N",
                    help="time each nprobe N times and keep the fastest (default 1)")
+    p.add_argument("--load", action=argparse.BooleanOptionalAction, default=None,
+                   help="load the whole index into memory before timing (default: when it takes at most half "
+                        "of the available memory); --no-load times searches that read the probed lists "
+                        "from the store")
     return parser
 
 
 # --------------------------------------------------------------------------- jobs
 
 _POSITIONALS = {"build": ("source", "index"), "search": ("index", "queries"), "kmeans": ("source", "out")}
+
+
+def _flag(kind: str, name: str) -> str:
+    """How the command line spells job field ``name``: SOURCE for a positional, --ids-column for an option."""
+    return name.upper() if name in _POSITIONALS[kind] else "--" + name.replace("_", "-")
 
 
 def _job(kind: str, args: argparse.Namespace) -> Any:
@@ -143,45 +163,51 @@ def _job(kind: str, args: argparse.Namespace) -> Any:
         # --workers on the command line replaces a scheduler of the file and vice versa.
         mapping.pop("workers", None)
         mapping.pop("scheduler", None)
-    labels = {name: (name.upper() if name in _POSITIONALS[kind] else "--" + name.replace("_", "-"))
-              for name in overrides}
-    for name in _POSITIONALS[kind]:
+    labels = {name: _flag(kind, name) for name in overrides}
+    for name in fields:
         if name not in overrides and name not in mapping:
-            labels[name] = f"{name.upper()} (or `{name}` in --config)"
+            labels[name] = f"{_flag(kind, name)} (or `{name}` in --config)"
     return config.from_dict(kind, {**mapping, **overrides}, origin=origin, labels=labels)
 
 
-def _quiet_dask(level: str) -> None:
-    """Show Dask's own INFO messages (scheduler, nanny start and stop) only at DEBUG level.
-
-    ``import distributed`` sets the level of its loggers, so this runs after that import.
-    """
-    import distributed  # noqa: F401
-
-    numeric = logging.getLevelName(level)
-    logging.getLogger("distributed").setLevel(numeric if numeric <= logging.DEBUG else max(numeric, logging.WARNING))
+def _progress(args: argparse.Namespace) -> bool:
+    return not getattr(args, "no_progress", False) and sys.stderr.isatty()
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
     job: config.BuildJob = _job("build", args)
-    _quiet_dask(args.level)
     import distann
 
     log.info("building %s from %s: %s, metric %s", job.index, job.source, job.spec, job.metric)
-    # distann.build validates everything (index present, nlist <= n, ...) before it starts the
-    # cluster of client_context(workers, scheduler), so bad input fails without a cluster.
-    t0 = time.perf_counter()
-    index = distann.build(
+    # distann.build validates everything (destination, nlist <= n, ...) and takes the index's
+    # lease before it starts the cluster, so bad input fails without one.
+    distann.build(
         job.source, job.index, spec=job.spec, metric=job.metric, ids=job.ids,
         overwrite=job.overwrite, niter=job.niter, seed=job.seed, init=job.init,
         max_points_per_centroid=job.max_points_per_centroid, chunk_rows=job.chunk_rows,
         shard_bytes=job.shard_bytes, column=job.column, ids_column=job.ids_column,
-        storage_options=job.storage_options, workers=job.workers, scheduler=job.scheduler, progress=True)
-    elapsed = time.perf_counter() - t0
-    log.info("built %s: ntotal=%d d=%d nlist=%d metric=%s in %.1f s (%.0f vectors/s)",
-             index.url, index.ntotal, index.d, index.nlist, index.metric, elapsed,
-             index.ntotal / max(elapsed, 1e-9))
+        storage_options=job.storage_options, workers=job.workers, scheduler=job.scheduler,
+        progress=_progress(args))
     return 0
+
+
+def _check_output(param: str, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Refuse an output path that cannot be written, before any work is done."""
+    import fsspec.core
+
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    if fs.isdir(path):
+        raise ValidationError(param, url, "a file to write; this is a directory")
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    if "file" not in protocols and "local" not in protocols:
+        return  # object stores create the key on write
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValidationError(param, url, f"a file to write; {parent} on its path is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValidationError(param, url, f"a file to write; the folder {parent} is not writable")
 
 
 def _save(url: str, writer: Any, storage_options: Mapping[str, Any] | None = None) -> None:
@@ -192,10 +218,18 @@ def _save(url: str, writer: Any, storage_options: Mapping[str, Any] | None = Non
         writer(fh)
 
 
-def _read_queries(url: str) -> np.ndarray:
+def _read_queries(url: str, column: str | None, d: int) -> np.ndarray:
+    """The queries of the file at ``url``, under the same dtype rule as Index.search."""
+    from distann.search.validate import check_query_dtype
     from distann.sources import open_source
 
-    src = open_source(url)
+    try:
+        src = open_source(url, column=column)
+    except ValidationError as exc:
+        raise ValidationError("QUERIES" if exc.param == "source" else exc.param, exc.received, exc.allowed) from None
+    check_query_dtype(src.dtype, "QUERIES", f"{url} of dtype {src.dtype}")
+    if src.d != d:
+        raise ValidationError("QUERIES", url, f"vectors of the index's dimension d={d}; this file has d={src.d}")
     return np.ascontiguousarray(src.read_rows(0, src.n), dtype=np.float32)
 
 
@@ -205,8 +239,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
     import distann
 
+    _check_output("--out", job.out)
     index = distann.open_index(job.index)
-    xq = _read_queries(job.queries)
+    xq = _read_queries(job.queries, job.column, index.d)
     settings = {} if job.batch_size is None else {"distann.search.batch-size": job.batch_size}
     with dask.config.set(settings):
         t0 = time.perf_counter()
@@ -224,6 +259,19 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    import distann
+
+    index = distann.open_index(args.index)
+    t0 = time.perf_counter()
+    report = index.verify()
+    nshard = report["shards"]
+    print(f"verified {index.url}: {report['arrays']} arrays and {nshard} shard{'s' if nshard != 1 else ''} "
+          f"({report['bytes'] / 2**20:.1f} MiB) match the manifest's checksums "
+          f"(format version {index.manifest.format_version}, {time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     import distann
 
@@ -234,25 +282,23 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_kmeans(args: argparse.Namespace) -> int:
     job: config.KMeansJob = _job("kmeans", args)
-    _quiet_dask(args.level)
     import distann
 
+    _check_output("OUT", job.out, job.storage_options)
     t0 = time.perf_counter()
     result = distann.kmeans(
         job.source, job.k, niter=job.niter, metric=job.metric, init=job.init, seed=job.seed,
         max_points_per_centroid=job.max_points_per_centroid, column=job.column,
-        storage_options=job.storage_options, workers=job.workers, scheduler=job.scheduler, progress=True)
+        storage_options=job.storage_options, workers=job.workers, scheduler=job.scheduler,
+        progress=_progress(args))
     elapsed = time.perf_counter() - t0
     centroids = np.ascontiguousarray(result.centroids, dtype=np.float32)
     _save(job.out, lambda fh: np.save(fh, centroids), job.storage_options)
     obj = [float(v) for v in result.objective]
-    for i, v in enumerate(obj):
-        log.debug("iteration %d: objective %.6g", i, v)
     if obj:
         change = (obj[0] - obj[-1]) / abs(obj[0]) * 100 if obj[0] else 0.0
-        log.info("k-means: k=%d, %d iterations in %.1f s, objective %.6g -> %.6g (%.1f%% lower)",
-                 job.k, len(obj), elapsed, obj[0], obj[-1], change)
-    log.info("wrote centroids %s to %s", centroids.shape, job.out)
+        log.info("k-means: k=%d, %d iterations in %.1f s, objective %.6g -> %.6g (%.1f%% lower); wrote %s",
+                 job.k, len(obj), elapsed, obj[0], obj[-1], change, job.out)
     return 0
 
 
@@ -265,22 +311,27 @@ def read_ground_truth(url: str) -> np.ndarray:
     try:
         with fsspec.open(url, "rb") as fh:
             raw = fh.read()
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError):
         raise ValidationError("--gt", url, "must be an existing file") from None
     if url.endswith(".ivecs"):
-        ints = np.frombuffer(raw, dtype=np.int32)
+        ints = np.frombuffer(raw[: len(raw) // 4 * 4], dtype=np.int32)
         k = int(ints[0]) if ints.size else 0
-        if k <= 0 or ints.size % (k + 1) or (ints.reshape(-1, k + 1)[:, 0] != k).any():
+        if k <= 0 or len(raw) % 4 or ints.size % (k + 1) or (ints.reshape(-1, k + 1)[:, 0] != k).any():
             raise ValidationError("--gt", url, "must be an .ivecs file (int32 rows, each prefixed by k)")
         gt = ints.reshape(-1, k + 1)[:, 1:]
     else:
-        gt = np.load(io.BytesIO(raw), allow_pickle=False)
+        try:
+            gt = np.load(io.BytesIO(raw), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise ValidationError("--gt", url, f"must be an .npy file holding an integer array ({exc})") from None
     if gt.ndim != 2 or not np.issubdtype(gt.dtype, np.integer):
         raise ValidationError("--gt", f"{gt.dtype} array of shape {gt.shape}", "must be a 2-d integer array (nq, k)")
     return gt.astype(np.int64, copy=False)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    import psutil
+
     import distann
     from distann.evaluation import sweep_nprobe
 
@@ -288,12 +339,23 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise ValidationError(name, value, "must be a positive integer")
     index = distann.open_index(args.index)
-    xq = _read_queries(args.queries)
+    for nprobe in args.nprobe:
+        if not 1 <= nprobe <= index.nlist:
+            raise ValidationError("--nprobe", nprobe, f"values in [1, nlist={index.nlist}]")
+    xq = _read_queries(args.queries, args.column, index.d)
     gt = read_ground_truth(args.gt)
     if gt.shape[0] != len(xq) or gt.shape[1] < args.k:
         raise ValidationError("--gt", f"array of shape {gt.shape}", f"must have one row per query ({len(xq)}) "
                                                                     f"and at least k={args.k} columns")
-    index.search(xq[:1], k=args.k, nprobe=min(args.nprobe))  # warm-up: kernel compilation is not timed
+    size, available = index.lists.nbytes, psutil.virtual_memory().available
+    load = args.load if args.load is not None else size <= available // 2
+    if load:
+        index.load()
+        print(f"index loaded in memory ({size / 2**20:.1f} MiB); searches read nothing from the store")
+    else:
+        reason = "--no-load" if args.load is False else \
+            f"it needs {size / 2**20:.0f} MiB, more than half of the {available / 2**20:.0f} MiB available"
+        print(f"index streamed from the store ({reason}); each search reads the lists it probes")
     points, front = sweep_nprobe(index, xq, gt, args.nprobe, k=args.k, repeats=args.repeats,
                                  max_codes=args.max_codes)
     best = {p.nprobe for p in front}
@@ -303,31 +365,56 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"build": _cmd_build, "search": _cmd_search, "info": _cmd_info,
+_COMMANDS = {"build": _cmd_build, "search": _cmd_search, "verify": _cmd_verify, "info": _cmd_info,
              "kmeans": _cmd_kmeans, "eval": _cmd_eval}
+
+#: API parameter names that the command line spells otherwise
+_CLI_NAMES = {"index_url": "INDEX", "url": "INDEX", "xq": "QUERIES"}
+
+
+def _cli_error(exc: DistannError, command: str) -> DistannError:
+    """``exc`` naming the command line's spelling of an API parameter (``--ids-column``, not ``ids_column``)."""
+    if not isinstance(exc, ValidationError) or not re.fullmatch(r"[a-z_]+", exc.param):
+        return exc
+    name = _CLI_NAMES.get(exc.param)
+    if name is None:
+        name = _flag(command, exc.param) if command in _POSITIONALS else "--" + exc.param.replace("_", "-")
+    return ValidationError(name, exc.received, exc.allowed)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that clusters and leases are released on the way out."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise _Terminated()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``distann`` command line; returns the exit status (2: invalid input or index)."""
     args = build_parser().parse_args(argv)
-    verbose = getattr(args, "verbose", 0)
+    verbose = bool(getattr(args, "verbose", 0))
     level = getattr(args, "log_level", None) or ("DEBUG" if verbose else "INFO")
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("distann").setLevel(level)
-    args.level = level
+    logs.setup(level, verbose)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return _COMMANDS[args.command](args)
     except DistannError as exc:
-        log.error("%s", exc)
+        log.error("%s", _cli_error(exc, args.command))
         return 2
+    except _Terminated:
+        log.error("terminated (SIGTERM); the committed index is unchanged, rerun to resume")
+        return 143
     except KeyboardInterrupt:
-        log.error("interrupted")
+        log.error("interrupted; the committed index is unchanged, rerun to resume")
         return 130
     except BrokenPipeError:
         # stdout closed early (``distann info ... | head``): not an error of ours
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -2,18 +2,28 @@
 
 The embedded cluster runs one single-threaded worker process per core (numeric work in
 NumPy/Numba releases the GIL only partly; processes scale cleanly) and binds to loopback:
-Dask runs arbitrary code for whoever reaches the scheduler port.
+Dask runs arbitrary code for whoever reaches the scheduler port. Its workers log at the level
+of the client's ``distributed`` logger (the CLI sets it), and do not repeat the failures of
+distann's tasks, which the client reports itself.
+
+Worker processes are started with ``spawn``: they re-import the main script, so a script that
+starts the embedded cluster must do so under ``if __name__ == "__main__":``. A worker that
+finds itself re-running such a call stops at once and tells the client, which raises one clear
+error instead of Dask's pages of "Nanny failed to start".
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
 import os
+import tempfile
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from distann.errors import ValidationError
+from distann import config
+from distann.errors import DistannError, ValidationError
 
 if TYPE_CHECKING:  # pragma: no cover
     from distributed import Client
@@ -24,10 +34,88 @@ log = logging.getLogger(__name__)
 #: BLAS variables; Numba's kernels would otherwise start one thread per core in every worker)
 WORKER_ENV = {"NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
+#: more embedded worker processes than this many per core are refused (they only thrash)
+MAX_WORKERS_PER_CORE = 4
 
-def _check_workers(workers: object) -> None:
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+_GUARD_HINT = ('put the code that calls distann under `if __name__ == "__main__":` — the embedded Dask '
+               "cluster starts worker processes that re-import the main script")
+
+
+def check_cluster_args(workers: object = None, scheduler: object = None, client: object = None) -> None:
+    """Validate how a job gets its cluster; warn when ``workers`` exceeds the cores."""
+    if client is not None and (workers is not None or scheduler is not None):
+        raise ValidationError("client", client, "give either client or workers/scheduler, not both")
+    if workers is not None and scheduler is not None:
+        raise ValidationError("scheduler", scheduler, "give either workers (a local cluster) or scheduler, not both")
+    if scheduler is not None and (not isinstance(scheduler, str) or not scheduler):
+        raise ValidationError("scheduler", scheduler, "the address of a Dask scheduler, e.g. tcp://host:8786")
+    if workers is None:
+        return
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValidationError("workers", workers, "a positive integer (worker processes) or None for one per core")
+    cores = os.cpu_count() or 1
+    if workers > MAX_WORKERS_PER_CORE * cores:
+        raise ValidationError("workers", workers, f"at most {MAX_WORKERS_PER_CORE * cores} local worker processes "
+                              f"on this machine's {cores} cores (more only thrash); use a cluster (scheduler) "
+                              "for more workers")
+    if workers > cores:
+        log.warning("%d worker processes on %d cores: they will compete for the cores", workers, cores)
+
+
+def _bootstrap_report() -> str:
+    """Where a worker process that re-ran the main script leaves word for its parent."""
+    return os.path.join(tempfile.gettempdir(), f"distann-bootstrap-{os.getppid()}")
+
+
+def _stop_if_bootstrapping() -> None:
+    """In a worker process still importing the main script (no ``__main__`` guard): leave word
+    for the parent and stop, before this process starts a cluster of its own."""
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        with open(_bootstrap_report(), "w") as f:
+            f.write(_GUARD_HINT)
+        os._exit(3)
+
+
+class _QuietTaskFailures(logging.Filter):
+    """Drops the worker's "Compute Failed" report: the client raises the task's error itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Compute Failed")
+
+
+def _quiet_worker_logs(dask_worker=None) -> None:
+    logger = logging.getLogger("distributed.worker")
+    if not any(isinstance(f, _QuietTaskFailures) for f in logger.filters):
+        logger.addFilter(_QuietTaskFailures())
+
+
+def _connect(scheduler: str) -> Client:
+    from distributed import Client
+
+    timeout = config.get("cluster.connect-timeout")
+    try:
+        return Client(scheduler, timeout=timeout)
+    except (OSError, TimeoutError) as exc:
+        raise ValidationError("scheduler", scheduler, f"a reachable Dask scheduler: none answered at this address "
+                              f"within {timeout} s (distann.cluster.connect-timeout): {exc}") from None
+
+
+def _start_local(n: int, memory_limit: str | None):
+    from distributed import LocalCluster
+
+    level = logging.getLogger("distributed").getEffectiveLevel()
+    report = os.path.join(tempfile.gettempdir(), f"distann-bootstrap-{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(report)
+    try:
+        return LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
+                            dashboard_address="127.0.0.1:0", memory_limit=memory_limit, env=WORKER_ENV,
+                            silence_logs=level if level <= logging.DEBUG else max(level, logging.WARNING))
+    except Exception as exc:
+        if os.path.exists(report):
+            os.remove(report)
+            raise DistannError(f"the embedded Dask cluster could not start its workers: {_GUARD_HINT}") from None
+        raise DistannError(f"the embedded Dask cluster could not start: {type(exc).__name__}: {exc}") from exc
 
 
 @contextlib.contextmanager
@@ -39,24 +127,20 @@ def client_context(workers: int | None = None, scheduler: str | None = None,
     that address and close only the connection. Otherwise start a LocalCluster with
     ``workers`` processes (default: one per core), yield, and shut it down.
     """
+    check_cluster_args(workers, scheduler, client)
     if client is not None:
-        if workers is not None or scheduler is not None:
-            raise ValidationError("client", client, "give either client or workers/scheduler, not both")
         yield client
         return
-    _check_workers(workers)
-    if workers is not None and scheduler is not None:
-        raise ValidationError("scheduler", scheduler, "give either workers (a local cluster) or scheduler, not both")
-    from distributed import Client, LocalCluster
-
     if scheduler is not None:
-        with Client(scheduler) as c:
+        with _connect(scheduler) as c:
             log.info("joined Dask scheduler %s (dashboard: %s)", scheduler, c.dashboard_link)
             yield c
         return
+    _stop_if_bootstrapping()
+    from distributed import Client
+
     n = workers or os.cpu_count() or 1
-    with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address="127.0.0.1:0", memory_limit=memory_limit, env=WORKER_ENV) as cluster, \
-            Client(cluster) as c:
+    with _start_local(n, memory_limit) as cluster, Client(cluster) as c:
+        c.register_worker_callbacks(_quiet_worker_logs)
         log.info("started local Dask cluster: %d worker process(es); dashboard: %s", n, c.dashboard_link)
         yield c

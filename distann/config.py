@@ -11,6 +11,10 @@ key                            default      meaning
 =============================  ===========  ==================================================
 ``distann.build.chunk-rows``   65536        rows of the source handled by one add task
 ``distann.build.shard-bytes``  33554432     target bytes of one list-range shard of the index
+``distann.build.lease-seconds`` 60          a build's lease on the index's next generation
+                                            expires this long after its last renewal (see
+                                            ``distann.store.lease``)
+``distann.cluster.connect-timeout`` 10      seconds to wait for ``--scheduler ADDRESS``
 ``distann.search.cache-bytes`` 0            byte budget of the in-memory inverted-list cache
                                             (0: no cache)
 ``distann.search.batch-size``  16384        queries searched together in one batch
@@ -70,7 +74,8 @@ __all__ = [
 #: Defaults of the ``distann`` section of dask.config, registered at import.
 DEFAULTS: dict[str, Any] = {
     "distann": {
-        "build": {"chunk-rows": 65536, "shard-bytes": 32 * 2**20},
+        "build": {"chunk-rows": 65536, "shard-bytes": 32 * 2**20, "lease-seconds": 60},
+        "cluster": {"connect-timeout": 10},
         "search": {"cache-bytes": 0, "batch-size": 16384},
         "kernels": {"backend": "numba"},
     }
@@ -103,6 +108,8 @@ def _tunable_name(key: str, value: object) -> str:
 _TUNABLE_CHECKS: dict[str, Callable[[str, object], Any]] = {
     "build.chunk-rows": _tunable_positive,
     "build.shard-bytes": _tunable_positive,
+    "build.lease-seconds": _tunable_positive,
+    "cluster.connect-timeout": _tunable_positive,
     "search.cache-bytes": _tunable_nonnegative,
     "search.batch-size": _tunable_positive,
     "kernels.backend": _tunable_name,
@@ -239,10 +246,11 @@ class SearchJob:
     index: str = _f("URL of the index to search", _text)
     queries: str = _f("URL of the query vectors (any source format)", _text)
     out: str = _f("URL of the .npz result: D and I, or lims, D and I for a range search", _text)
-    k: int = _f("neighbours per query", _positive, 10)
+    column: str | None = _f("vector column of Parquet queries (or the array of a Zarr group)", _optional(_text), None)
+    k: int = _f("neighbours per query (not with radius)", _positive, 10)
     nprobe: int = _f("inverted lists scanned per query", _positive, 1)
-    radius: float | None = _f("range search: squared L2 distance below, or similarity above, this value",
-                              _optional(_real), None)
+    radius: float | None = _f("range search: squared L2 distance below, or similarity above, this value "
+                              "(not with k)", _optional(_real), None)
     max_codes: int | None = _f("most vectors scanned per query (default: no limit)", _optional(_positive), None)
     batch_size: int | None = _f("queries per batch (default: distann.search.batch-size)",
                                 _optional(_positive), None)
@@ -266,6 +274,13 @@ class KMeansJob:
     storage_options: dict[str, Any] | None = _f("fsspec options of the source and output URLs",
                                                 _optional(_options), None)
 
+
+#: Keys of a job that exclude each other, with the reason given in the error.
+_CLUSTER = {("workers", "scheduler"): "workers starts a local cluster, scheduler joins one"}
+_EXCLUSIVE: dict[str, dict[tuple[str, str], str]] = {
+    "build": _CLUSTER, "kmeans": _CLUSTER,
+    "search": {("k", "radius"): "k asks for the k nearest neighbours, radius for all within a distance"},
+}
 
 #: Job kind (the command name, also the prefix of files in ``configs/``) to its dataclass.
 JOB_KINDS: dict[str, type] = {"build": BuildJob, "search": SearchJob, "kmeans": KMeansJob}
@@ -317,10 +332,9 @@ def from_dict(kind: str, mapping: Mapping[str, Any], *, origin: str | None = Non
             values[name] = f.metadata["check"](mapping[name], label(name))
         elif f.default is dataclasses.MISSING:
             raise ValidationError(label(name), None, f"required ({f.metadata['doc']})")
-    if values.get("workers") is not None and values.get("scheduler") is not None:
-        raise ValidationError(f"{label('workers')} and {label('scheduler')}",
-                              (values["workers"], values["scheduler"]),
-                              "give at most one: workers starts a local cluster, scheduler joins one")
+    for (a, b), why in _EXCLUSIVE.get(kind, {}).items():
+        if mapping.get(a) is not None and mapping.get(b) is not None:
+            raise ValidationError(f"{label(a)} and {label(b)}", (mapping[a], mapping[b]), f"give at most one: {why}")
     return cls(**values)
 
 

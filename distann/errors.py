@@ -29,6 +29,10 @@ class IndexExistsError(DistannError, FileExistsError):
     """A committed index already exists at the destination and overwrite was not asked for."""
 
 
+class BuildConflictError(DistannError):
+    """Another build owns the index URL's next generation (or took it over from this one)."""
+
+
 def _short(value: object, limit: int = 120) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -93,11 +93,17 @@ class OperatingPoint:
 
 
 def sweep_nprobe(index, xq: np.ndarray, gt: np.ndarray, nprobes, k: int = 10, *, n: int | None = None,
-                 repeats: int = 1, **search_kw) -> tuple[list[OperatingPoint], list[OperatingPoint]]:
+                 repeats: int = 1, warmup: int = 100, **search_kw) -> tuple[list[OperatingPoint], list[OperatingPoint]]:
     """Search at each nprobe and measure (recall, QPS). Returns (all points, Pareto-optimal points),
-    a point being Pareto-optimal when no other point has both higher recall and higher QPS."""
+    a point being Pareto-optimal when no other point has both higher recall and higher QPS.
+
+    Before timing an nprobe, the first ``warmup`` queries are searched once untimed (kernel
+    compilation, caches). For figures that do not depend on the store's latency, ``index.load()``
+    first (``distann eval`` does when the index fits in memory)."""
     points = []
     for nprobe in nprobes:
+        if warmup:
+            index.search(xq[:warmup], k=k, nprobe=int(nprobe), **search_kw)
         best = float("inf")
         for _ in range(max(1, repeats)):
             t0 = time.perf_counter()

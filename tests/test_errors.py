@@ -65,7 +65,7 @@ def test_bad_source_arrays(committed, source, match):
     ({"spec": "IVF8,PQ4"}, r"spec: received 'IVF8,PQ4'"),
     ({"spec": "HNSW32"}, r"spec: received 'HNSW32'"),
     ({"spec": "IVF0,Flat"}, r"spec: received 'IVF0,Flat'"),
-    ({"spec": f"IVF{N + 1},Flat"}, r"spec.*nlist \(3001\) at most the number of training vectors \(3000\)"),
+    ({"spec": f"IVF{N + 1},Flat"}, r"spec.*nlist \(3001\) must be at most the number of training vectors \(3000\)"),
     ({"metric": "hamming"}, r"metric: received 'hamming'; one of \['l2', 'ip', 'cosine'\]"),
     ({"niter": 0}, r"niter: received 0"),
     ({"init": "kmeans"}, r"init: received 'kmeans'"),
@@ -144,7 +144,7 @@ def test_unreadable_indexes(committed, tmp_path):
         distann.open_index(str(bad))
     # a manifest naming arrays that are not there (copied without its data)
     (bad / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(IndexFormatError, match="quantizer arrays missing"):
+    with pytest.raises(IndexFormatError, match="array g000001/quantizer/centroids is missing"):
         distann.open_index(str(bad))
 
 

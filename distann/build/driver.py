@@ -2,13 +2,15 @@
 
 Stages, each resumable (a rerun of the same build skips what has a done marker)::
 
-    validate (no task) -> scan + sample (read-only tasks: NaN/Inf, id checks)
+    validate (no task) -> lease the next generation -> check the workers reach the data
+    -> scan + sample (read-only tasks: NaN/Inf, id checks)
     -> train (distributed k-means) -> add (shard over ids, staging) -> merge (shard over lists)
     -> commit (one atomic manifest write) -> clean up staging and the previous generation
 
-Everything a build writes lives under a fresh generation folder ``g<N>/``; the committed
-index (generation N-1) is never touched before the new manifest is in place, so a build
-killed at any point leaves the previous index readable.
+Everything a build writes lives under a fresh generation folder ``g<N>/``, which the build owns
+through its lease (``distann.store.lease``: a second build of the same URL fails with a
+conflict); the committed index (generation N-1) is never touched before the new manifest is
+in place, so a build killed at any point leaves the previous index readable.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import logging
 import operator
 import os
+import re
 import time
 from datetime import datetime, timezone
 
@@ -24,17 +27,21 @@ import numpy as np
 from distann import config
 from distann._progress import wait_all
 from distann.build.plan import ChunkTask, build_key, plan_chunks, plan_shards
-from distann.build.tasks import (AddContext, add_chunk, first_duplicate, merge_shard, read_array,
-                                 scan_ids, split_sorted, write_small_array)
-from distann.cluster import client_context
+from distann.build.tasks import AddContext, add_chunk, first_duplicate, merge_shard, scan_ids, split_sorted
+from distann.cluster import check_cluster_args, client_context
 from distann.codecs import check_metric, make_codec, parse_spec
-from distann.errors import IndexExistsError, IndexFormatError, ValidationError
+from distann.errors import BuildConflictError, IndexExistsError, IndexFormatError, ValidationError
+from distann.store.arrays import CheckedStore, StoredArray, checksum, write_small
+from distann.store.lease import LEASE_DIR, GenerationLease, remove_older
 from distann.store.location import Location
-from distann.store.manifest import FORMAT_VERSION, Manifest, ShardEntry, manifest_exists, read_manifest, write_manifest
+from distann.store.manifest import (FORMAT_VERSION, MANIFEST_PATH, Manifest, ShardEntry, manifest_exists,
+                                    read_manifest, write_manifest)
 from distann.train.api import check_positive_int, check_train_params, collect_sample
 from distann.train.kmeans import tree_reduce, train_on_blocks
 
 log = logging.getLogger(__name__)
+
+_GENERATION = re.compile(r"g\d{6}")
 
 
 def _add_counts(a, b):
@@ -50,12 +57,17 @@ def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2"
 
     ``source``: URL (npy, fvecs/bvecs, zarr, parquet, directory or glob), a VectorSource or a
     2-D array. ``ids``: optional int64 ids (URL or array), one per vector, unique and >= 0;
-    default: sequential ids 0..n-1. ``client``: a ``distributed.Client``; with none, an embedded
-    LocalCluster (``workers`` processes, default one per core) is started and closed, or
-    ``scheduler`` is joined. Every parameter is validated before any task is scheduled.
-    ``niter`` defaults to 10 k-means iterations, as Faiss's IndexIVF training does.
+    ``ids_column`` alone takes them from that column of the source itself (Parquet, or an
+    array of the source's Zarr group); default: sequential ids 0..n-1. ``client``: a
+    ``distributed.Client``; with none, an embedded LocalCluster (``workers`` processes, default
+    one per core) is started and closed, or ``scheduler`` is joined. Every parameter is
+    validated before any task is scheduled. ``niter`` defaults to 10 k-means iterations, as
+    Faiss's IndexIVF training does.
+
+    Only one build at a time may write an index URL: a second one fails with
+    BuildConflictError while the first holds its lease (``docs/FORMAT.md``).
     """
-    from distann.sources import as_ids, as_source
+    from distann.sources import as_source
 
     ispec = parse_spec(spec)
     check_metric(metric)
@@ -64,17 +76,20 @@ def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2"
         raise ValidationError("overwrite", overwrite, "True or False")
     chunk_rows = check_positive_int("chunk_rows", chunk_rows if chunk_rows is not None else config.get("build.chunk-rows"))
     shard_bytes = check_positive_int("shard_bytes", shard_bytes if shard_bytes is not None else config.get("build.shard-bytes"))
-    if not isinstance(index_url, (str, os.PathLike)) or not str(index_url):
+    check_cluster_args(workers, scheduler, client)
+    if isinstance(index_url, os.PathLike):
+        index_url = os.fspath(index_url)
+    if not isinstance(index_url, str) or not index_url:
         raise ValidationError("index_url", index_url, "a non-empty path or URL")
     src = as_source(source, column=column, storage_options=storage_options)
-    ids_src = None
-    if ids is not None:
-        ids_src = as_ids(ids, column=ids_column, storage_options=storage_options)
-        if ids_src.n != src.n:
-            raise ValidationError("ids", f"{ids_src.n} ids", f"exactly one id per vector ({src.n})")
+    ids_src = _ids_source(ids, ids_column, src, storage_options)
+    if ids_src is not None and ids_src.n != src.n:
+        raise ValidationError("ids", f"{ids_src.n} ids", f"exactly one id per vector ({src.n})")
     if ispec.nlist > src.n:
-        raise ValidationError("spec", spec, f"nlist ({ispec.nlist}) at most the number of training vectors ({src.n})")
-    loc = Location(str(index_url), dict(storage_options or {}))
+        raise ValidationError("spec", spec, f"nlist ({ispec.nlist}) must be at most the number of training "
+                                            f"vectors ({src.n})")
+    loc = Location(index_url, dict(storage_options or {}))
+    _check_destination(loc, overwrite)
     committed = _committed_generation(loc, overwrite)
     codec = make_codec(ispec.codec, src.d)
     key = build_key(source=src.fingerprint, ids=getattr(ids_src, "fingerprint", None), spec=str(ispec),
@@ -85,68 +100,97 @@ def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2"
     ctx = AddContext(loc, gen, ispec.nlist, metric, ispec.codec, src.d)
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
-    with client_context(workers=workers, scheduler=scheduler, client=client) as c:
-        _check_process_local(c, loc, src)
-        resumed = _resumable(loc, gen, key)
-        # ---- train (or reuse the centroids of an interrupted run of the same build)
-        t0 = time.perf_counter()
-        if resumed and loc.exists(f"{gen}/quantizer/DONE"):
-            centroids = read_array(loc, f"{gen}/quantizer/centroids")
-            objective = loc.read_json(f"{gen}/quantizer/DONE")["objective"]
-            log.info("resuming build %s: reusing trained centroids", key)
-        else:
-            n_sample = min(src.n, max_points_per_centroid * ispec.nlist)
-            blocks, sizes, _ = collect_sample(c, src, chunks, n_sample, seed, metric == "cosine", progress)
-            if ids_src is not None:
-                _check_ids(c, ids_src, chunks, progress)
-            timings["scan_s"] = time.perf_counter() - t0
-            if not resumed:
-                _start_generation(loc, gen, key)
-            km = train_on_blocks(c, blocks, sizes, ispec.nlist, niter=niter, spherical=metric != "l2",
-                                 init=init, seed=seed, progress=progress)
-            del blocks
-            centroids, objective = km.centroids, km.objective
-            write_small_array(loc, f"{gen}/quantizer/centroids", centroids)
-            loc.write_json(f"{gen}/quantizer/DONE", {"objective": objective})
-        timings["train_s"] = time.perf_counter() - t0
-        # ---- add: shard over ids
-        t0 = time.perf_counter()
-        cf = c.scatter(centroids, broadcast=True)
-        adds = [c.submit(add_chunk, ctx, ch, src, ids_src, cf, pure=False) for ch in chunks]
-        wait_all(adds, "add", progress, gather=False)  # per-chunk counts are reduced on the workers
-        list_sizes, skipped_chunks = tree_reduce(
-            c, [c.submit(_as_pair, f, pure=False) for f in adds], _add_counts).result()
-        del adds
-        timings["add_s"] = time.perf_counter() - t0
-        # ---- merge: shard over lists
-        t0 = time.perf_counter()
-        shards = plan_shards(list_sizes, codec.code_size, shard_bytes)
-        merged = wait_all([c.submit(merge_shard, ctx, sh, chunks, pure=False) for sh in shards], "merge", progress)
-        timings["merge_s"] = time.perf_counter() - t0
-    # ---- commit
-    write_small_array(loc, f"{gen}/quantizer/list_sizes", list_sizes.astype(np.int64))
-    entries = []
-    for sh, (ntotal, checksum, _) in zip(shards, merged):
-        if ntotal != sh.ntotal:
-            raise IndexFormatError(f"{loc.url}: shard {sh.name} has {ntotal} vectors, planned {sh.ntotal}")
-        entries.append(ShardEntry(sh.name, f"{gen}/shards/{sh.name}", sh.list_start, sh.list_stop, ntotal, checksum))
-    manifest = Manifest(
-        generation=committed + 1, build_key=key, spec=str(ispec), metric=metric, d=src.d, nlist=ispec.nlist,
-        ntotal=int(src.n), codec=codec.params(), centroids=f"{gen}/quantizer/centroids",
-        list_sizes=f"{gen}/quantizer/list_sizes", shards=tuple(entries),
-        build={"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "source": src.url,
-               "source_fingerprint": src.fingerprint, "ids": getattr(ids_src, "url", None),
-               "niter": niter, "seed": seed, "init": init, "max_points_per_centroid": max_points_per_centroid,
-               "chunk_rows": chunk_rows, "shard_bytes": shard_bytes, "objective": objective,
-               "resumed_chunks": int(skipped_chunks), "resumed_shards": int(sum(m[2] for m in merged)),
-               "timings": {k: round(v, 3) for k, v in timings.items()}})
-    write_manifest(loc, manifest)
-    log.info("committed %s: %d vectors, %d lists, %d shards in %.1f s", loc.url, src.n, ispec.nlist,
-             len(entries), time.perf_counter() - t_start)
+    with GenerationLease.acquire(loc, committed + 1, config.get("build.lease-seconds"),
+                                 what=f"a build of {ispec} from {src.url}") as lease:
+        if _committed_generation(loc, overwrite) != committed:
+            raise BuildConflictError(f"{loc.url}: another build committed generation {committed + 1} while this one "
+                                     "was starting; nothing was written (rerun to build on top of it)")
+        with client_context(workers=workers, scheduler=scheduler, client=client) as c:
+            _check_reachable(c, loc, src, ids_src, lease.path)
+            resumed = _resumable(loc, gen, key)
+            # ---- train (or reuse the centroids of an interrupted run of the same build)
+            t0 = time.perf_counter()
+            if resumed and loc.exists(f"{gen}/quantizer/DONE"):
+                centroids = StoredArray(CheckedStore(loc.zarr_store(read_only=True), loc.url),
+                                        f"{gen}/quantizer/centroids").read()
+                objective = loc.read_json(f"{gen}/quantizer/DONE")["objective"]
+                log.info("resuming build %s: reusing trained centroids", key)
+            else:
+                n_sample = min(src.n, max_points_per_centroid * ispec.nlist)
+                blocks, sizes, _ = collect_sample(c, src, chunks, n_sample, seed, metric == "cosine", progress)
+                if ids_src is not None:
+                    _check_ids(c, ids_src, chunks, progress)
+                timings["scan_s"] = time.perf_counter() - t0
+                if not resumed:
+                    _start_generation(loc, gen, key)
+                km = train_on_blocks(c, blocks, sizes, ispec.nlist, niter=niter, spherical=metric != "l2",
+                                     init=init, seed=seed, progress=progress)
+                del blocks
+                centroids, objective = km.centroids, km.objective
+                write_small(loc.zarr_store(), f"{gen}/quantizer/centroids", centroids)
+                loc.write_json(f"{gen}/quantizer/DONE", {"objective": objective})
+            timings["train_s"] = time.perf_counter() - t0
+            # ---- add: shard over ids
+            t0 = time.perf_counter()
+            cf = c.scatter(centroids, broadcast=True)
+            adds = [c.submit(add_chunk, ctx, ch, src, ids_src, cf, pure=False) for ch in chunks]
+            wait_all(adds, "add", progress, gather=False)  # per-chunk counts are reduced on the workers
+            list_sizes, skipped_chunks = tree_reduce(
+                c, [c.submit(_as_pair, f, pure=False) for f in adds], _add_counts).result()
+            del adds
+            timings["add_s"] = time.perf_counter() - t0
+            # ---- merge: shard over lists
+            t0 = time.perf_counter()
+            shards = plan_shards(list_sizes, codec.code_size, shard_bytes)
+            merged = wait_all([c.submit(merge_shard, ctx, sh, chunks, pure=False) for sh in shards], "merge", progress)
+            timings["merge_s"] = time.perf_counter() - t0
+        # ---- commit
+        checksums = {f"{gen}/quantizer/centroids": checksum([centroids]),
+                     f"{gen}/quantizer/list_sizes": write_small(loc.zarr_store(), f"{gen}/quantizer/list_sizes",
+                                                                list_sizes.astype(np.int64))}
+        entries = []
+        for sh, (ntotal, crc, _) in zip(shards, merged):
+            if ntotal != sh.ntotal:
+                raise IndexFormatError(f"{loc.url}: shard {sh.name} has {ntotal} vectors, planned {sh.ntotal}")
+            entries.append(ShardEntry(sh.name, f"{gen}/shards/{sh.name}", sh.list_start, sh.list_stop, ntotal, crc))
+        manifest = Manifest(
+            generation=committed + 1, build_key=key, spec=str(ispec), metric=metric, d=src.d, nlist=ispec.nlist,
+            ntotal=int(src.n), codec=codec.params(), centroids=f"{gen}/quantizer/centroids",
+            list_sizes=f"{gen}/quantizer/list_sizes", shards=tuple(entries), checksums=checksums,
+            build={"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "source": src.url,
+                   "source_fingerprint": src.fingerprint, "ids": getattr(ids_src, "url", None),
+                   "ids_column": getattr(ids_src, "column", None),
+                   "niter": niter, "seed": seed, "init": init, "max_points_per_centroid": max_points_per_centroid,
+                   "chunk_rows": chunk_rows, "shard_bytes": shard_bytes, "objective": objective,
+                   "resumed_chunks": int(skipped_chunks), "resumed_shards": int(sum(m[2] for m in merged)),
+                   "timings": {k: round(v, 3) for k, v in timings.items()}})
+        lease.check()
+        write_manifest(loc, manifest)
+        lease.commit()
+    elapsed = time.perf_counter() - t_start
+    log.info("committed %s: ntotal=%d d=%d nlist=%d metric=%s, %d shard(s), in %.1f s (%.0f vectors/s)",
+             loc.url, src.n, src.d, ispec.nlist, metric, len(entries), elapsed, src.n / max(elapsed, 1e-9))
     _cleanup(loc, gen)
     from distann.search.index import open_index
 
     return open_index(loc.url, storage_options=storage_options)
+
+
+def _ids_source(ids, ids_column: str | None, src, storage_options: dict | None):
+    """The ids of the build: a URL / array (``ids``), a column of the source itself
+    (``ids_column`` alone), or None for row numbers. Column errors name ``ids_column``."""
+    from distann.sources import as_ids
+
+    if ids is None and ids_column is None:
+        return None
+    try:
+        if ids is None:
+            return src.ids_from_column(ids_column)
+        return as_ids(ids, column=ids_column, storage_options=storage_options)
+    except ValidationError as exc:
+        if exc.param != "column":
+            raise
+        raise ValidationError("ids_column", exc.received, exc.allowed) from None
 
 
 def _as_pair(result) -> tuple[np.ndarray, int]:
@@ -164,11 +208,36 @@ def _committed_generation(loc: Location, overwrite: bool) -> int:
         if not overwrite:
             raise IndexExistsError(f"{loc.url}: holds an unreadable index ({exc}); pass overwrite=True "
                                    "(--overwrite) to replace it") from exc
-        return max([int(n[1:]) for n in loc.list_dir("") if n[:1] == "g" and n[1:].isdigit()] or [0])
+        return max([int(n[1:]) for n in _generations(loc)] or [0])
     if not overwrite:
         raise IndexExistsError(f"{loc.url}: an index is already committed there ({manifest.ntotal} vectors, "
                                f"{manifest.spec}); pass overwrite=True (--overwrite) to replace it")
     return manifest.generation
+
+
+def _check_destination(loc: Location, overwrite: bool) -> None:
+    """The index URL is a folder (or nothing yet) holding nothing but distann's files, unless
+    ``overwrite`` allows building among other files (which distann never deletes)."""
+    if loc.fs.isfile(loc.root):
+        raise ValidationError("index_url", loc.url, "the folder of an index (a Zarr group); this is an existing file")
+    foreign = [n for n in loc.list_dir("") if not _is_ours(loc, n)]
+    if foreign and not overwrite:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise IndexExistsError(f"{loc.url}: a folder holding files that are not a distann index ({shown}); "
+                               "choose an empty or new folder, or pass overwrite=True (--overwrite) to build "
+                               "beside them (distann never deletes files it did not write)")
+
+
+def _is_ours(loc: Location, name: str) -> bool:
+    """Whether ``name`` at the root of an index folder is something a distann build writes."""
+    if name in ("zarr.json", MANIFEST_PATH, LEASE_DIR) or name.startswith(f"{MANIFEST_PATH}.tmp-"):
+        return True
+    return bool(_GENERATION.fullmatch(name)) and loc.exists(f"{name}/BUILD.json")
+
+
+def _generations(loc: Location) -> list[str]:
+    """The generation folders a distann build wrote at ``loc`` (writers may list; readers never do)."""
+    return [n for n in loc.list_dir("") if _GENERATION.fullmatch(n) and loc.exists(f"{n}/BUILD.json")]
 
 
 def _resumable(loc: Location, gen: str, key: str) -> bool:
@@ -178,31 +247,60 @@ def _resumable(loc: Location, gen: str, key: str) -> bool:
 
 
 def _start_generation(loc: Location, gen: str, key: str) -> None:
-    """Clear whatever an interrupted, different build left in ``gen`` and mark it as ours."""
+    """Clear what an interrupted, different build left in ``gen`` and mark it as ours."""
+    if loc.list_dir(gen) and not loc.exists(f"{gen}/BUILD.json"):
+        raise IndexExistsError(f"{loc.url}: {gen}/ holds files distann did not write; move them away "
+                               "(distann never deletes files it did not write)")
     loc.remove(gen)
     loc.write_json(f"{gen}/BUILD.json",
                    {"build_key": key, "started": datetime.now(timezone.utc).isoformat(timespec="seconds")})
 
 
 def _cleanup(loc: Location, gen: str) -> None:
-    """After commit: staging and every other generation are garbage (writers may list, readers never)."""
+    """After commit: staging and the older generations are garbage. Newer generation folders
+    belong to builds started after this commit and are left alone."""
     loc.remove(f"{gen}/staging")
-    for name in loc.list_dir(""):
-        if name != gen and name[:1] == "g" and name[1:].isdigit():
+    for name in _generations(loc):
+        if name < gen:
             loc.remove(name)
+    remove_older(loc, int(gen[1:]))
 
 
-def _check_process_local(client, loc: Location, src) -> None:
-    """memory:// lives inside one process: refuse it when workers are other processes."""
+def _check_reachable(client, loc: Location, src, ids_src, lease_path: str) -> None:
+    """Every worker must reach the index and the sources as the client does: memory:// lives in
+    one process, and a local path must be on a filesystem the workers share."""
+    from distann.sources.memory import ArrayIdSource, ArraySource
+
     pids = set(client.run(os.getpid).values())
-    if pids == {os.getpid()}:
-        return
-    if loc.is_process_local:
-        raise ValidationError("index_url", loc.url, "a path or URL every worker process can reach "
-                              "(memory:// exists only in one process; use a threads-only cluster for it)")
-    if str(getattr(src, "url", "")).startswith("memory://"):
-        raise ValidationError("source", src.url, "a path or URL every worker process can reach "
-                              "(memory:// exists only in one process)")
+    if pids != {os.getpid()}:
+        if loc.is_process_local:
+            raise ValidationError("index_url", loc.url, "a path or URL every worker process can reach "
+                                  "(memory:// exists only in one process; use a threads-only cluster for it)")
+        if str(getattr(src, "url", "")).startswith("memory://"):
+            raise ValidationError("source", src.url, "a path or URL every worker process can reach "
+                                  "(memory:// exists only in one process)")
+    blind = sorted(w for w, seen in client.run(loc.exists, lease_path).items() if not seen)
+    if blind:
+        raise ValidationError("index_url", loc.url, f"a location every worker can reach; worker(s) {', '.join(blind)} "
+                              "do not see it (a local path must be on a filesystem shared with the workers; "
+                              "or use an object store URL)")
+    for param, source in (("source", src), ("ids", ids_src)):
+        if source is None or isinstance(source, (ArraySource, ArrayIdSource)):  # the data travel with the tasks
+            continue
+        failed = {w: r for w, r in client.run(_can_read, source).items() if r}
+        if failed:
+            w, reason = sorted(failed.items())[0]
+            raise ValidationError(param, source.url, f"a source every worker can read; {len(failed)} worker(s) "
+                                  f"cannot, e.g. {w}: {reason}")
+
+
+def _can_read(source) -> str:
+    """'' if this process can read the first row of ``source``, else why not."""
+    try:
+        source.read_rows(0, 1) if hasattr(source, "read_rows") else source.read(0, 1)
+    except Exception as exc:  # noqa: BLE001 - reported to the client as the reason
+        return f"{type(exc).__name__}: {exc}"
+    return ""
 
 
 def _check_ids(client, ids_src, chunks: tuple[ChunkTask, ...], progress: bool) -> None:

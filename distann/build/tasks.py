@@ -15,14 +15,13 @@ twice).
 from __future__ import annotations
 
 import os
-import zlib
 from dataclasses import dataclass
 
 import numpy as np
-import zarr
 
 from distann.build.plan import ChunkTask, ShardTask, chunk_rows_for_codes, list_order
 from distann.codecs import make_codec
+from distann.store.arrays import checksum, write_array
 from distann.store.location import Location
 from distann.train.kmeans import nearest
 from distann.train.sampling import normalize_rows
@@ -126,36 +125,13 @@ def merge_shard(ctx: AddContext, shard: ShardTask, chunks: tuple[ChunkTask, ...]
         del part, pid
     store = ctx.loc.zarr_store()
     rows = chunk_rows_for_codes(codec.code_size)
-    _write_array(store, f"{base}/offsets", offsets, (max(1, len(offsets)),))
-    _write_array(store, f"{base}/ids", ids, (max(1, min(len(ids), rows * 4)),))
-    _write_array(store, f"{base}/codes", codes, (max(1, min(len(codes), rows)), width))
+    write_array(store, f"{base}/offsets", offsets, (max(1, len(offsets)),))
+    write_array(store, f"{base}/ids", ids, (max(1, min(len(ids), rows * 4)),))
+    write_array(store, f"{base}/codes", codes, (max(1, min(len(codes), rows)), width))
     _maybe_fail("merge", shard.name)
-    checksum = shard_checksum(offsets, ids, codes)
-    ctx.loc.write_json(f"{base}/DONE", {"ntotal": int(len(ids)), "checksum": checksum})
-    return int(len(ids)), checksum, False
-
-
-def _write_array(store, name: str, data: np.ndarray, chunks: tuple[int, ...]) -> None:
-    arr = zarr.create_array(store, name=name, shape=data.shape, chunks=chunks, dtype=data.dtype,
-                            compressors=None, fill_value=0, overwrite=True)
-    if data.size:
-        arr[...] = data
-
-
-def shard_checksum(offsets: np.ndarray, ids: np.ndarray, codes: np.ndarray) -> str:
-    crc = 0
-    for a in (offsets, ids, codes):
-        crc = zlib.crc32(np.ascontiguousarray(a).view(np.uint8).data, crc)
-    return f"crc32:{crc:08x}"
-
-
-def write_small_array(loc: Location, name: str, data: np.ndarray) -> None:
-    """A small array (centroids, list sizes) as one Zarr chunk."""
-    _write_array(loc.zarr_store(), name, np.ascontiguousarray(data), tuple(max(1, s) for s in data.shape))
-
-
-def read_array(loc: Location, name: str) -> np.ndarray:
-    return zarr.open_array(loc.zarr_store(read_only=True), path=name, mode="r")[...]
+    crc = checksum((offsets, ids, codes))
+    ctx.loc.write_json(f"{base}/DONE", {"ntotal": int(len(ids)), "checksum": crc})
+    return int(len(ids)), crc, False
 
 
 def scan_ids(ids_source, start: int, stop: int):

@@ -23,6 +23,7 @@ from distann.search.lists import ListStore
 from distann.search.plan import ProbePlan, expand_to_all_lists, plan_probes
 from distann.search.validate import (check_ids_allowed, check_k, check_max_codes, check_nprobe, check_queries,
                                      check_radius, ids_mask)
+from distann.store.arrays import CheckedStore, StoredArray, checksum
 from distann.store.location import Location
 from distann.store.manifest import Manifest, read_manifest
 
@@ -53,22 +54,22 @@ class Index:
     """A committed IVF index. Open with :func:`open_index`; ``distann.build`` returns one."""
 
     def __init__(self, loc: Location, manifest: Manifest, *, cache_bytes: int | None = None):
-        from distann.build.tasks import read_array
-
         self.loc = loc
         self.manifest = manifest
         self.codec = make_codec(manifest.codec["name"], manifest.d)
-        try:
-            self.centroids = np.ascontiguousarray(read_array(loc, manifest.centroids), dtype=np.float32)
-            self.list_sizes = read_array(loc, manifest.list_sizes).astype(np.int64)
-        except (FileNotFoundError, KeyError, ValueError) as exc:
-            raise IndexFormatError(f"{loc.url}: quantizer arrays missing or unreadable ({exc})") from exc
+        if not manifest.stores_every_chunk:
+            log.warning("%s: index format version %d does not store all-zero chunks, so a lost chunk file "
+                        "reads as zeros; Index.verify() detects it, a rebuild upgrades the format",
+                        loc.url, manifest.format_version)
+        self.store = CheckedStore(loc.zarr_store(read_only=True), loc.url, strict=manifest.stores_every_chunk)
+        self.centroids = np.ascontiguousarray(StoredArray(self.store, manifest.centroids).read(), dtype=np.float32)
+        self.list_sizes = StoredArray(self.store, manifest.list_sizes).read().astype(np.int64)
         if self.centroids.shape != (manifest.nlist, manifest.d) or self.list_sizes.shape != (manifest.nlist,) \
                 or int(self.list_sizes.sum()) != manifest.ntotal:
             raise IndexFormatError(f"{loc.url}: quantizer arrays do not match the manifest (corrupt index)")
         if cache_bytes is None:
             cache_bytes = config.get("search.cache-bytes")
-        self.lists = ListStore(loc, manifest, self.codec, self.list_sizes, cache_bytes)
+        self.lists = ListStore(self.store, manifest, self.codec, self.list_sizes, cache_bytes)
         self.defaults = SearchParams()
 
     # ------------------------------------------------------------------ description
@@ -116,15 +117,30 @@ class Index:
         self.lists.load_all()
         return self
 
-    def verify(self) -> None:
-        """Read every shard and check it against the checksum in the manifest."""
-        from distann.build.tasks import shard_checksum
+    def verify(self) -> dict[str, int]:
+        """Read every array the manifest names, chunk by chunk, and check each against its
+        checksum: the quantizer and codec arrays, then every shard (offsets, ids, codes).
 
+        Raises IndexFormatError naming the first array or chunk that is missing, truncated or
+        altered; returns what was checked: ``{"arrays": ..., "shards": ..., "bytes": ...}``.
+        """
+        report = {"arrays": 0, "shards": 0, "bytes": 0}
+        for path in dict.fromkeys((self.manifest.centroids, self.manifest.list_sizes, *self.manifest.checksums)):
+            data = StoredArray(self.store, path).read()
+            self._compare(path, checksum([data]), self.manifest.checksums.get(path))
+            report["arrays"] += 1
+            report["bytes"] += data.nbytes
         for s, entry in enumerate(self.manifest.shards):
-            offsets, codes, ids = self.lists._shard(s)
-            got = shard_checksum(offsets, ids[...], codes[...])
-            if got != entry.checksum:
-                raise IndexFormatError(f"{self.url}: shard {entry.name} checksum {got} != manifest {entry.checksum}")
+            offsets, codes, ids = self.lists.shard_arrays(s)
+            parts = (offsets, ids.read(), codes.read())
+            self._compare(f"shard {entry.name}", checksum(parts), entry.checksum)
+            report["shards"] += 1
+            report["bytes"] += sum(p.nbytes for p in parts)
+        return report
+
+    def _compare(self, what: str, got: str, expected: str | None) -> None:
+        if expected is not None and got != expected:
+            raise IndexFormatError(f"{self.url}: {what}: checksum {got} != manifest {expected}; the index is corrupt")
 
     # ------------------------------------------------------------------ search
     def _prepare(self, xq, nprobe, max_codes, ids_allowed, backend):

@@ -16,11 +16,10 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
-import zarr
 
 from distann.codecs.base import Codec
 from distann.errors import IndexFormatError
-from distann.store.location import Location
+from distann.store.arrays import CheckedStore, StoredArray
 from distann.store.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -38,15 +37,16 @@ class ReadStats:
 
 
 class ListStore:
-    def __init__(self, loc: Location, manifest: Manifest, codec: Codec, list_sizes: np.ndarray, cache_bytes: int):
-        self.loc = loc
+    def __init__(self, store: CheckedStore, manifest: Manifest, codec: Codec, list_sizes: np.ndarray,
+                 cache_bytes: int):
+        self.store = store
         self.manifest = manifest
         self.codec = codec
         self.list_sizes = list_sizes
         self.cache_bytes = int(cache_bytes)
         self.stats = ReadStats()
         self._shard_starts = np.array([s.list_start for s in manifest.shards], dtype=np.int64)
-        self._shards: dict[int, tuple] = {}
+        self._shards: dict[int, tuple[np.ndarray, StoredArray, StoredArray]] = {}
         self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._cached_bytes = 0
         self.resident: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
@@ -58,32 +58,30 @@ class ListStore:
         """Bytes of the decoded index in memory (float32 vectors + int64 ids)."""
         return int(self.global_offsets[-1]) * (self.codec.d * 4 + 8)
 
-    def _shard(self, s: int):
+    def shard_arrays(self, s: int) -> tuple[np.ndarray, StoredArray, StoredArray]:
+        """Shard ``s``: its offsets (read), codes and ids (opened, not read), checked against
+        the manifest."""
         if s not in self._shards:
             entry = self.manifest.shards[s]
-            store = self.loc.zarr_store(read_only=True)
-            try:
-                offsets = zarr.open_array(store, path=f"{entry.path}/offsets", mode="r")[...]
-                codes = zarr.open_array(store, path=f"{entry.path}/codes", mode="r")
-                ids = zarr.open_array(store, path=f"{entry.path}/ids", mode="r")
-            except (FileNotFoundError, KeyError, ValueError) as exc:
-                raise IndexFormatError(f"{self.loc.url}: shard {entry.name} is missing or unreadable ({exc})") from exc
+            offsets = StoredArray(self.store, f"{entry.path}/offsets").read()
+            codes = StoredArray(self.store, f"{entry.path}/codes")
+            ids = StoredArray(self.store, f"{entry.path}/ids")
             nl = entry.list_stop - entry.list_start
             if (offsets.shape != (nl + 1,) or offsets[-1] != entry.ntotal or codes.shape[0] != entry.ntotal
                     or ids.shape != (entry.ntotal,)
                     or not np.array_equal(np.diff(offsets), self.list_sizes[entry.list_start:entry.list_stop])):
-                raise IndexFormatError(f"{self.loc.url}: shard {entry.name} does not match the manifest "
+                raise IndexFormatError(f"{self.store.url}: shard {entry.name} does not match the manifest "
                                        f"(corrupt index)")
             self._shards[s] = (offsets, codes, ids)
         return self._shards[s]
 
     def _read_run(self, s: int, l0: int, l1: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
         """Lists [l0, l1) of shard ``s`` (consecutive lists, so one contiguous slice)."""
-        offsets, codes, ids = self._shard(s)
+        offsets, codes, ids = self.shard_arrays(s)
         base = self.manifest.shards[s].list_start
         r0, r1 = int(offsets[l0 - base]), int(offsets[l1 - base])
-        xs = self.codec.decode(codes[r0:r1]) if r1 > r0 else np.empty((0, self.codec.d), np.float32)
-        idv = ids[r0:r1].astype(np.int64, copy=False) if r1 > r0 else np.empty(0, np.int64)
+        xs = self.codec.decode(codes.read(r0, r1)) if r1 > r0 else np.empty((0, self.codec.d), np.float32)
+        idv = ids.read(r0, r1).astype(np.int64, copy=False) if r1 > r0 else np.empty(0, np.int64)
         self.stats.reads += 1
         self.stats.vectors_read += r1 - r0
         out = []
@@ -143,15 +141,15 @@ class ListStore:
             xb = np.empty((n, self.codec.d), dtype=np.float32)
             ids = np.empty(n, dtype=np.int64)
             for s, entry in enumerate(self.manifest.shards):
-                offsets, codes, idarr = self._shard(s)
+                offsets, codes, idarr = self.shard_arrays(s)
                 g0 = int(self.global_offsets[entry.list_start])
                 if entry.ntotal:
-                    xb[g0:g0 + entry.ntotal] = self.codec.decode(codes[...])
-                    ids[g0:g0 + entry.ntotal] = idarr[...]
+                    xb[g0:g0 + entry.ntotal] = self.codec.decode(codes.read())
+                    ids[g0:g0 + entry.ntotal] = idarr.read()
                 self.stats.reads += 1
                 self.stats.vectors_read += entry.ntotal
             self.resident = (xb, ids, self.global_offsets)
             self._cache.clear()
             self._cached_bytes = 0
-            log.info("index %s resident in memory: %.1f MiB", self.loc.url, self.nbytes / 2**20)
+            log.info("index %s resident in memory: %.1f MiB", self.store.url, self.nbytes / 2**20)
         return self.resident

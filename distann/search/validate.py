@@ -11,12 +11,21 @@ def _is_int(v: object) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
+#: the dtypes queries may have, in the API and on the command line alike (float64 is converted)
+QUERY_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def check_query_dtype(dtype: object, param: str, received: object) -> None:
+    """Queries are float32 or float64; any other dtype is refused, never cast silently."""
+    if np.dtype(dtype) not in QUERY_DTYPES:
+        raise ValidationError(param, received, "float32 (or float64) queries; convert other dtypes explicitly")
+
+
 def check_queries(xq: object, d: int) -> np.ndarray:
     """A C-contiguous float32 (nq, d) array. float32 and float64 are accepted (float64 is
     converted, as every float index does); other dtypes, other shapes and NaN/Inf are refused."""
     arr = np.asarray(xq) if not isinstance(xq, np.ndarray) else xq
-    if arr.dtype.kind != "f" or arr.dtype not in (np.float32, np.float64):
-        raise ValidationError("xq", f"array of dtype {arr.dtype}", "float32 (or float64) queries")
+    check_query_dtype(arr.dtype, "xq", f"array of dtype {arr.dtype}")
     if arr.ndim != 2 or arr.shape[1] != d:
         raise ValidationError("xq", f"array of shape {arr.shape}",
                               f"a 2-D array of shape (nq, {d}) (for one query use xq[None, :])")

@@ -91,6 +91,11 @@ class VectorSource(_RowSource):
         """Rows ``[start, stop)`` as a new float32 C-contiguous (stop - start, d) array."""
         return self._read_new(start, stop, (self.d,), np.float32)
 
+    def ids_from_column(self, column: str) -> IdSource:
+        """The ids stored beside the vectors, in ``column`` of the same files (Parquet) or group (Zarr)."""
+        raise ValidationError("ids_column", column, f"an id column of a Parquet or Zarr-group source; {self.url} "
+                              "has no other columns: give the ids separately (ids=URL, --ids URL)")
+
     def to_dask(self, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> da.Array:
         """A float32 ``dask.array.Array`` of shape (n, d) chunked by ``chunk_rows`` rows.
 

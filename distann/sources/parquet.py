@@ -156,6 +156,11 @@ class ParquetSource(_ParquetReader, FileSetVectorSource):
             out[pos : pos + k] = values.to_numpy(zero_copy_only=False).reshape(k, self.d)
             pos += k
 
+    def ids_from_column(self, column: str) -> ParquetIdSource:
+        from distann.sources import open_ids
+
+        return open_ids(self.url, column=column, storage_options=self._files.storage_options)
+
 
 class ParquetIdSource(_ParquetReader, FileSetIdSource):
     """Ids from an integer column of one or more Parquet files."""

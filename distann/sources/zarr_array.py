@@ -130,6 +130,14 @@ class ZarrSource(_ZarrBase, VectorSource):
     def _read_into(self, start: int, stop: int, out: np.ndarray) -> None:
         out[...] = self._array()[start:stop]
 
+    def ids_from_column(self, column: str) -> ZarrIdSource:
+        """Ids from the array ``column`` of the Zarr group holding the vectors (``column=`` of the source)."""
+        from distann.sources import open_ids
+
+        if self.column is None:
+            return super().ids_from_column(column)
+        return open_ids(self.url, column=column, storage_options=self.storage_options)
+
     def _token(self) -> tuple[Any, ...]:
         return (type(self).__name__, self.url, self.column, self.fingerprint)
 

@@ -3,8 +3,14 @@
 ``Location`` is picklable (it keeps the URL and storage options, not an open filesystem),
 so build tasks can carry it to worker processes and reopen it there.
 
+Local paths are made absolute when a Location is created (in the client), so worker processes
+with another working directory reach the same files.
+
 Atomic writes: on a local filesystem a file is written under a temporary name and renamed
 into place (``os.replace`` is atomic); on object stores a single PUT is already atomic.
+Exclusive creation (the build's generation lease) links a complete temporary file into place
+on local disks (``link`` fails if the name exists) and is a conditional PUT elsewhere (fsspec's
+``mode="create"``: ``If-None-Match: *`` on S3).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import json
 import os
 import posixpath
 import uuid
+from contextlib import suppress
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -22,12 +29,23 @@ import zarr
 from zarr.storage import FsspecStore, LocalStore
 
 
+def absolute_url(url: str) -> str:
+    """``url`` with a local path (no protocol, or ``file://``) made absolute; others unchanged."""
+    if "://" in url and not url.startswith("file://"):
+        return url
+    path = url[len("file://"):] if url.startswith("file://") else url
+    return os.path.abspath(os.path.expanduser(path))
+
+
 @dataclass(frozen=True)
 class Location:
     """A root URL plus storage options; every path below is relative to the root."""
 
     url: str
     storage_options: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "url", absolute_url(self.url))
 
     @cached_property
     def _fs_root(self) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -91,6 +109,34 @@ class Location:
         else:
             self.fs.makedirs(parent, exist_ok=True)
             self.fs.pipe_file(target, bytes(data))
+
+    def create_exclusive(self, rel: str, data: bytes) -> bool:
+        """Create file ``rel`` holding ``data`` unless it exists: True if this call created it.
+
+        Atomic against concurrent creators: readers never see a partial file."""
+        target = self.path(rel)
+        parent = posixpath.dirname(target)
+        if self.is_local:
+            os.makedirs(parent, exist_ok=True)
+            tmp = f"{target}.tmp-{uuid.uuid4().hex}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, target)
+            except FileExistsError:
+                return False
+            finally:
+                with suppress(FileNotFoundError):
+                    os.unlink(tmp)
+            return True
+        self.fs.makedirs(parent, exist_ok=True)
+        try:
+            self.fs.pipe_file(target, data, mode="create")
+        except FileExistsError:
+            return False
+        return True
 
     def read_json(self, rel: str) -> Any:
         return json.loads(self.read_bytes(rel))

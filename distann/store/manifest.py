@@ -15,7 +15,9 @@ from distann.errors import IndexFormatError
 from distann.store.location import Location
 
 FORMAT_NAME = "distann-ivf"
-FORMAT_VERSION = 1
+#: 2: every chunk of every array is stored (an absent chunk is corruption); quantizer checksums.
+#: 1: all-zero chunks were not stored. Version-1 indexes are still read (absent chunks as zeros).
+FORMAT_VERSION = 2
 MANIFEST_PATH = "manifest.json"
 
 
@@ -46,6 +48,7 @@ class Manifest:
     centroids: str
     list_sizes: str
     shards: tuple[ShardEntry, ...]
+    checksums: dict[str, str] = field(default_factory=dict)  # array path -> CRC-32 (quantizer, codec)
     build: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
@@ -54,6 +57,11 @@ class Manifest:
         out = asdict(self)
         out["shards"] = [asdict(s) for s in self.shards]
         return out
+
+    @property
+    def stores_every_chunk(self) -> bool:
+        """From version 2 on, an absent chunk can only mean a lost file."""
+        return self.format_version >= 2
 
     @classmethod
     def from_json(cls, obj: Any, url: str) -> "Manifest":

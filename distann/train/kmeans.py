@@ -272,24 +272,29 @@ def train_on_blocks(client, blocks: list, sizes: np.ndarray, k: int, *, niter: i
     rng = np.random.default_rng([seed, 0xE4])
     objective: list[float] = []
     counts = np.zeros(k, dtype=np.int64)
-    iters = range(niter)
+    bar = None
     if progress:
         from tqdm.auto import tqdm
-        iters = tqdm(iters, desc="k-means", unit="iter")
-    for it in iters:
+        bar = tqdm(total=niter, desc="k-means", unit="iter")
+    for it in range(niter):
         cf = client.scatter(centroids, broadcast=True)
         parts = [client.submit(block_stats, b, cf, spherical, pure=False) for b, s in zip(blocks, sizes) if s > 0]
         sums, counts, obj = tree_reduce(client, parts, add_stats).result()
         objective.append(obj)
-        log.info("k-means iteration %d/%d: objective %.6g", it + 1, niter, obj)
+        log.debug("k-means iteration %d/%d: objective %.6g", it + 1, niter, obj)
+        if bar is not None:
+            bar.set_postfix_str(f"objective {obj:.6g}", refresh=False)
+            bar.update(1)
         nonempty = counts > 0
         centroids = centroids.copy()
         centroids[nonempty] = (sums[nonempty] / counts[nonempty, None]).astype(np.float32)
         nsplit = split_empty_clusters(centroids, counts, rng)
         if nsplit:
-            log.info("k-means iteration %d: split %d empty cluster(s)", it + 1, nsplit)
+            log.debug("k-means iteration %d: split %d empty cluster(s)", it + 1, nsplit)
         if spherical:
             centroids = _normalize(centroids)
+    if bar is not None:
+        bar.close()
     return KMeansResult(np.ascontiguousarray(centroids, dtype=np.float32), objective, counts, n, init, seed)
 
 

@@ -1,0 +1,30 @@
+"""Logging of the command line and the jobs: a quiet, readable run by default.
+
+distann's own messages go to stderr at the chosen level (INFO by default). Dask's loggers
+(``distributed``, ``bokeh``, ``tornado``) stay at WARNING unless ``verbose`` is asked for; the
+embedded cluster's worker processes follow the level of the ``distributed`` logger (see
+:mod:`distann.cluster`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+DASK_LOGGERS = ("distributed", "bokeh", "tornado")
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def setup(level: str = "INFO", verbose: bool = False) -> None:
+    """Configure logging for a command line run (``level`` one of :data:`LEVELS`)."""
+    numeric = logging.getLevelName(level)
+    fmt = "%(asctime)s %(levelname)-7s %(name)s: %(message)s" if verbose else "%(asctime)s %(levelname)-7s %(message)s"
+    logging.basicConfig(level=numeric, format=fmt, datefmt="%H:%M:%S")
+    logging.getLogger("distann").setLevel(numeric)
+    import distributed  # noqa: F401 - its import sets the levels of its loggers; ours must come after
+
+    if verbose:
+        logging.getLogger("distributed").setLevel(max(numeric, logging.INFO))
+        return
+    for name in DASK_LOGGERS:  # never more talkative than Dask's own defaults (bokeh: ERROR)
+        logger = logging.getLogger(name)
+        logger.setLevel(max(logger.getEffectiveLevel(), numeric, logging.WARNING))
