@@ -192,7 +192,10 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _check_output(param: str, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
-    """Refuse an output path that cannot be written, before any work is done."""
+    """Refuse an output path that cannot be written, before any work is done: a local path is
+    tried for real (its folder created, a temporary file written and removed)."""
+    import tempfile
+
     import fsspec.core
 
     fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
@@ -201,13 +204,13 @@ def _check_output(param: str, url: str, storage_options: Mapping[str, Any] | Non
     protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
     if "file" not in protocols and "local" not in protocols:
         return  # object stores create the key on write
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ValidationError(param, url, f"a file to write; {parent} on its path is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValidationError(param, url, f"a file to write; the folder {parent} is not writable")
+    try:
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise ValidationError(param, url, f"a file that can be written: {exc.strerror or exc}") from None
 
 
 def _save(url: str, writer: Any, storage_options: Mapping[str, Any] | None = None) -> None:

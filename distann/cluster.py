@@ -43,6 +43,8 @@ _GUARD_HINT = ('put the code that calls distann under `if __name__ == "__main__"
 
 def check_cluster_args(workers: object = None, scheduler: object = None, client: object = None) -> None:
     """Validate how a job gets its cluster; warn when ``workers`` exceeds the cores."""
+    if client is None and scheduler is None:
+        _stop_if_bootstrapping()
     if client is not None and (workers is not None or scheduler is not None):
         raise ValidationError("client", client, "give either client or workers/scheduler, not both")
     if workers is not None and scheduler is not None:
@@ -76,17 +78,21 @@ def _stop_if_bootstrapping() -> None:
         os._exit(3)
 
 
-class _QuietTaskFailures(logging.Filter):
-    """Drops the worker's "Compute Failed" report: the client raises the task's error itself."""
+class _QuietTaskEnds(logging.Filter):
+    """Drops a worker's report of a failed task ("Compute Failed": the client raises the task's
+    error itself) and of the tasks cancelled when the client stops the cluster early."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Compute Failed")
+        msg = str(record.msg)
+        return not (msg.startswith("Compute Failed")
+                    or (msg.startswith("Async instruction for") and "CancelledError" in record.getMessage()))
 
 
 def _quiet_worker_logs(dask_worker=None) -> None:
-    logger = logging.getLogger("distributed.worker")
-    if not any(isinstance(f, _QuietTaskFailures) for f in logger.filters):
-        logger.addFilter(_QuietTaskFailures())
+    for name in ("distributed.worker", "distributed.worker.state_machine"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _QuietTaskEnds) for f in logger.filters):
+            logger.addFilter(_QuietTaskEnds())
 
 
 def _connect(scheduler: str) -> Client:
@@ -95,9 +101,9 @@ def _connect(scheduler: str) -> Client:
     timeout = config.get("cluster.connect-timeout")
     try:
         return Client(scheduler, timeout=timeout)
-    except (OSError, TimeoutError) as exc:
+    except (OSError, TimeoutError):
         raise ValidationError("scheduler", scheduler, f"a reachable Dask scheduler: none answered at this address "
-                              f"within {timeout} s (distann.cluster.connect-timeout): {exc}") from None
+                              f"within {timeout} s (distann.cluster.connect-timeout)") from None
 
 
 def _start_local(n: int, memory_limit: str | None):
@@ -136,7 +142,6 @@ def client_context(workers: int | None = None, scheduler: str | None = None,
             log.info("joined Dask scheduler %s (dashboard: %s)", scheduler, c.dashboard_link)
             yield c
         return
-    _stop_if_bootstrapping()
     from distributed import Client
 
     n = workers or os.cpu_count() or 1

@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 import time
 
 import numpy as np
 
 import distann
+from distann import logs
 from distann.cluster import client_context
 from distann.synthetic import write_npy
 
@@ -30,8 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metric", default="l2", choices=["l2", "ip", "cosine"])
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core)")
     p.add_argument("--out", default="out/quickstart", help="folder for the data files and the index")
+    p.add_argument("-v", "--verbose", action="store_true", help="Dask's own INFO messages too")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logs.setup("INFO", args.verbose)
+    progress = sys.stderr.isatty()
 
     os.makedirs(args.out, exist_ok=True)
     base, queries = os.path.join(args.out, "base.npy"), os.path.join(args.out, "queries.npy")
@@ -44,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     with client_context(workers=args.workers) as client:
         t0 = time.perf_counter()
         index = distann.build(base, index_url, spec=f"IVF{args.nlist},Flat", metric=args.metric,
-                              client=client, overwrite=True, progress=True)
+                              client=client, overwrite=True, progress=progress)
         build_s = time.perf_counter() - t0
         log.info("exact ground truth on the cluster")
         _, gt = distann.brute_force_knn(base, xq, 10, args.metric, client=client)

@@ -93,6 +93,55 @@ def test_user_ids_and_resume_marker_cleanup(client, data, tmp_path):
     assert not (tmp_path / "u.zarr" / "g000001" / "staging").exists()
 
 
+def _write_parquet_with_ids(path, xb, ids) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    emb = pa.FixedSizeListArray.from_arrays(pa.array(xb.reshape(-1)), xb.shape[1])
+    pq.write_table(pa.table({"emb": emb, "doc_id": pa.array(ids), "label": pa.array(["x"] * len(ids))}),
+                   path, row_group_size=1000)
+
+
+def test_ids_column_of_the_parquet_source_itself(client, data, tmp_path):
+    """The defect: --ids-column without --ids stored row numbers instead of the column's ids."""
+    xb, xq = data
+    ids = np.arange(N, dtype=np.int64) * 3 + 500
+    _write_parquet_with_ids(tmp_path / "b.parquet", xb, ids)
+    index = distann.build(str(tmp_path / "b.parquet"), str(tmp_path / "p.zarr"), spec=f"IVF{NLIST},Flat",
+                          ids_column="doc_id", client=client, **OPTS)
+    assert index.manifest.build["ids_column"] == "doc_id"
+    _, I = index.search(xq, k=5, nprobe=NLIST)
+    _, Ir = brute_force(xq, xb, 5, "l2")
+    assert np.array_equal(np.sort(I, 1), np.sort(ids[Ir], 1))
+
+
+def test_ids_column_errors_name_ids_column(client, data, tmp_path):
+    xb, _ = data
+    _write_parquet_with_ids(tmp_path / "b.parquet", xb, np.arange(N, dtype=np.int64))
+    with pytest.raises(ValidationError, match=r"ids_column: received 'label'; column has type string .*integer"):
+        distann.build(str(tmp_path / "b.parquet"), str(tmp_path / "x.zarr"), ids_column="label", client=client)
+    with pytest.raises(ValidationError, match=r"ids_column: received 'nope'; no such column"):
+        distann.build(str(tmp_path / "b.parquet"), str(tmp_path / "x.zarr"), ids_column="nope", client=client)
+    np.save(tmp_path / "b.npy", xb)
+    with pytest.raises(ValidationError, match=r"ids_column: received 'doc_id'; an id column of a Parquet or Zarr"):
+        distann.build(str(tmp_path / "b.npy"), str(tmp_path / "x.zarr"), ids_column="doc_id", client=client)
+    assert not (tmp_path / "x.zarr").exists()
+
+
+def test_ids_array_of_the_zarr_group_itself(client, data, tmp_path):
+    import zarr
+
+    xb, xq = data
+    group = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
+    group.create_array("vectors", data=xb)
+    group.create_array("ids", data=np.arange(N, dtype=np.int64) + 10_000)
+    index = distann.build(str(tmp_path / "g.zarr"), str(tmp_path / "z.zarr"), spec=f"IVF{NLIST},Flat",
+                          column="vectors", ids_column="ids", client=client, **OPTS)
+    _, I = index.search(xq[:5], k=1, nprobe=NLIST)
+    _, Ir = brute_force(xq[:5], xb, 1, "l2")
+    np.testing.assert_array_equal(I, Ir + 10_000)
+
+
 def _index_arrays(url):
     """Every array the manifest names, by role (paths differ between generations)."""
     index = distann.open_index(url)

@@ -233,3 +233,147 @@ def test_build_joins_a_running_scheduler(client, tmp_path):
     assert run(["build", src, idx, "--spec", "IVF4,Flat", "--niter", "3", "--scheduler", address]) == 0
     assert distann.open_index(idx).ntotal == 3000
     assert len(client.scheduler_info()["workers"]) == 2  # the cluster we joined is still up
+
+
+# --------------------------------------------------------------------------- issue 6: what a new user hit
+
+def test_unreachable_scheduler_is_one_clean_line(data, caplog):
+    import dask.config
+
+    with dask.config.set({"distann.cluster.connect-timeout": 1}):
+        assert run(["build", data["base"], str(data["root"] / "never.zarr"), "--scheduler", "tcp://127.0.0.1:1"]) == 2
+    assert "--scheduler: received 'tcp://127.0.0.1:1'; a reachable Dask scheduler: none answered" in caplog.text
+    assert "within 1 s" in caplog.text
+
+
+def test_index_path_that_is_a_file_refused_before_any_cluster(data, tmp_path, caplog):
+    target = tmp_path / "afile"
+    target.write_text("not an index")
+    assert run(["build", data["base"], str(target), "--spec", "IVF4,Flat", "--workers", "1"]) == 2
+    assert "INDEX: received" in caplog.text and "this is an existing file" in caplog.text
+    assert "started local Dask cluster" not in caplog.text
+    assert target.read_text() == "not an index"
+
+
+def test_folder_of_other_files_needs_overwrite_and_keeps_them(data, tmp_path, caplog):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    (folder / "g000001").mkdir()  # named like a generation, but not written by distann
+    (folder / "g000001" / "photo.jpg").write_bytes(b"\xff\xd8")
+    argv = ["build", data["base"], str(folder), "--spec", "IVF4,Flat", "--workers", "1", "--niter", "2"]
+    assert run(argv) == 2
+    assert "not a distann index (g000001, notes.txt)" in caplog.text
+    assert run([*argv, "--overwrite"]) == 2  # its g000001/ would have to be deleted: refused
+    assert "g000001/ holds files distann did not write" in caplog.text
+    (folder / "g000001" / "photo.jpg").unlink()
+    (folder / "g000001").rmdir()
+    assert run([*argv, "--overwrite"]) == 0
+    assert run([*argv, "--overwrite"]) == 0  # a rebuild removes its own old generation only
+    assert (folder / "notes.txt").read_text() == "keep me"
+    assert distann.open_index(str(folder)).manifest.generation == 2
+
+
+@pytest.mark.parametrize("content", ["pickled", "text"])
+def test_eval_ground_truth_that_is_not_an_array(index, data, tmp_path, caplog, content):
+    gt = tmp_path / "gt.npy"
+    if content == "pickled":
+        np.save(gt, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    else:
+        gt.write_text("1 2 3\n")
+    assert run(["eval", index, data["queries"], "--gt", str(gt), "--k", str(K)]) == 2
+    assert "--gt: received" in caplog.text and "must be an .npy file holding an integer array" in caplog.text
+
+
+@pytest.mark.parametrize("where", ["directory", "below a file"])
+def test_search_output_checked_before_searching(index, data, tmp_path, caplog, where):
+    (tmp_path / "f").write_text("")
+    out = tmp_path if where == "directory" else tmp_path / "f" / "r.npz"
+    assert run(["search", index, data["queries"], "--k", "3", "--nprobe", "2", "--out", str(out)]) == 2
+    assert "--out: received" in caplog.text
+    assert "searched" not in caplog.text
+
+
+@pytest.mark.parametrize("dtype", ["int32", "int8", "float16"])
+def test_cli_queries_follow_the_api_dtype_rule(index, data, tmp_path, caplog, dtype):
+    queries = tmp_path / f"q-{dtype}.npy"
+    np.save(queries, np.load(data["queries"]).astype(dtype))
+    assert run(["search", index, str(queries), "--k", "3", "--out", str(tmp_path / "r.npz")]) == 2
+    assert f"QUERIES: received '{queries} of dtype {dtype}'; float32 (or float64) queries" in caplog.text
+    with pytest.raises(ValidationError, match=f"xq: received 'array of dtype {dtype}'; float32 \\(or float64\\)"):
+        distann.open_index(index).search(np.load(queries), k=3)
+
+
+def test_cli_float64_queries_accepted(index, data, tmp_path):
+    queries = tmp_path / "q64.npy"
+    np.save(queries, np.load(data["queries"]).astype(np.float64))
+    assert run(["search", index, str(queries), "--k", "3", "--out", str(tmp_path / "r.npz")]) == 0
+
+
+@pytest.mark.parametrize("cmd", ["search", "eval"])
+def test_dimension_mismatch_in_command_line_words(index, data, tmp_path, caplog, cmd):
+    queries = tmp_path / "q17.npy"
+    np.save(queries, np.ones((10, D + 1), np.float32))
+    extra = ["--out", str(tmp_path / "r.npz")] if cmd == "search" else ["--gt", data["gt_npy"]]
+    assert run([cmd, index, str(queries), "--k", "3", *extra]) == 2
+    assert f"QUERIES: received '{queries}'; vectors of the index's dimension d={D}; this file has d={D + 1}" \
+        in caplog.text
+    assert "xq[None" not in caplog.text and "(1, " not in caplog.text
+
+
+def test_missing_out_named_as_the_option(index, data, caplog):
+    assert run(["search", index, data["queries"]]) == 2
+    assert "--out (or `out` in --config): received None; required" in caplog.text
+    assert "config.out" not in caplog.text
+
+
+def test_radius_and_k_refused_together(index, data, tmp_path, caplog):
+    assert run(["search", index, data["queries"], "--k", "3", "--radius", "1.0",
+                "--out", str(tmp_path / "r.npz")]) == 2
+    assert "--k and --radius: received (3, 1.0); give at most one" in caplog.text
+
+
+def test_search_parquet_queries_by_column(index, data, tmp_path, caplog):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    xq = np.load(data["queries"])
+    col = pa.FixedSizeListArray.from_arrays(pa.array(xq.reshape(-1)), D)
+    pq.write_table(pa.table({"emb": col, "other": col}), tmp_path / "q.parquet")
+    out = tmp_path / "r.npz"
+    assert run(["search", index, str(tmp_path / "q.parquet"), "--k", "3", "--out", str(out)]) == 2
+    assert "pass column= to choose one" in caplog.text
+    assert run(["search", index, str(tmp_path / "q.parquet"), "--column", "emb", "--k", "3", "--out", str(out)]) == 0
+    with np.load(out) as res:
+        np.testing.assert_array_equal(res["I"], distann.open_index(index).search(xq, k=3)[1])
+
+
+def test_eval_streamed_on_request(index, data, capsys):
+    assert run(["eval", index, data["queries"], "--gt", data["gt_npy"], "--k", str(K), "--no-load"]) == 0
+    assert capsys.readouterr().out.startswith("index streamed from the store (--no-load)")
+
+
+def test_sweep_warms_up_each_nprobe_before_timing(index, data):
+    from distann.evaluation import sweep_nprobe
+
+    calls = []
+
+    class Recorder:  # the real index, with its search calls recorded
+        def __init__(self, inner):
+            self.inner = inner
+
+        def search(self, xq, **kw):
+            calls.append((len(xq), kw["nprobe"]))
+            return self.inner.search(xq, **kw)
+
+    xq = np.load(data["queries"])
+    sweep_nprobe(Recorder(distann.open_index(index)), xq, data["gt"], [1, 4], k=K, repeats=2, warmup=10)
+    assert calls == [(10, 1), (NQ, 1), (NQ, 1), (10, 4), (NQ, 4), (NQ, 4)]
+
+
+def test_pyproject_license_is_an_spdx_string():
+    import tomllib
+    from pathlib import Path
+
+    meta = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert meta["project"]["license"] == "Apache-2.0"  # the table form is deprecated by setuptools
