@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import glob
+import os
+import sys
+import time
+
 import numpy as np
 
 from distann.synthetic import synthetic
@@ -42,3 +47,20 @@ def assert_same_neighbours(D, I, D_ref, I_ref, *, rtol: float, atol: float) -> N
         strict = np.abs(D[row] - kth) > atol + rtol * abs(kth)
         assert set(ids[strict]) <= set(ref_ids), f"row {row}: ids {ids} vs reference {ref_ids}"
         assert len(set(ids[ids >= 0])) == len(ids[ids >= 0]), f"row {row}: duplicate ids {ids}"
+
+
+def cli(*args: str) -> list[str]:
+    """The command line of ``distann ARGS`` in a fresh Python process of this interpreter."""
+    return [sys.executable, "-m", "distann.cli", *args]
+
+
+def wait_for_staged_chunks(proc, url: str, generation: int, count: int, timeout: float = 240) -> None:
+    """Return once ``count`` add tasks of ``generation`` are done at ``url`` while ``proc`` (a
+    running build) is still alive; fail the test if the build ended first."""
+    pattern = os.path.join(url, f"g{generation:06d}", "staging", "*", "DONE")
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if len(glob.glob(pattern)) >= count:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the build ended before it could be stopped"

@@ -13,7 +13,6 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,13 +23,10 @@ from distann.cluster import MAX_WORKERS_PER_CORE, check_cluster_args
 from distann.errors import ValidationError
 from distann.sources import write_fvecs
 from distann.synthetic import write_npy
+from tests.ann_helpers import cli, wait_for_staged_chunks
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "distann.cli", *args]
 
 
 def _start(args: list[str], **kw) -> subprocess.Popen:
@@ -77,7 +73,7 @@ def test_relative_paths_with_workers_in_another_directory(scheduler, tmp_path):
     procs.append(_start(_worker_command(address), cwd=elsewhere))
     _wait_for_workers(address, 1)
     write_npy(str(job / "base.npy"), 5000, 8)
-    proc = subprocess.run(_cli("build", "base.npy", "idx.zarr", "--spec", "IVF4,Flat", "--niter", "3",
+    proc = subprocess.run(cli("build", "base.npy", "idx.zarr", "--spec", "IVF4,Flat", "--niter", "3",
                                "--scheduler", address), cwd=job, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     index = distann.open_index(str(job / "idx.zarr"))
@@ -101,7 +97,7 @@ def test_worker_that_cannot_see_a_local_path_fails_before_the_build(scheduler, t
     procs.append(_start(["unshare", "-m", "sh", "-c", f"mount -t tmpfs tmpfs {tmp_path} && exec {worker}"]))
     _wait_for_workers(address, 1)
     write_npy(str(data / "base.npy"), 5000, 8)
-    proc = subprocess.run(_cli("build", str(data / "base.npy"), str(data / "idx.zarr"), "--spec", "IVF4,Flat",
+    proc = subprocess.run(cli("build", str(data / "base.npy"), str(data / "idx.zarr"), "--spec", "IVF4,Flat",
                                "--scheduler", address), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert "INDEX: received" in proc.stderr and "do not see it" in proc.stderr
@@ -125,17 +121,12 @@ def test_sigterm_stops_a_build_cleanly(tmp_path):
     write_npy(src, 60_000, 16)
     url = str(tmp_path / "idx.zarr")
     common = ["--log-level", "WARNING", "--workers", "2", "--chunk-rows", "2000", "--niter", "4"]
-    subprocess.run(_cli("build", src, url, "--spec", "IVF8,Flat", *common), check=True, timeout=300)
+    subprocess.run(cli("build", src, url, "--spec", "IVF8,Flat", *common), check=True, timeout=300)
     xq = np.load(src)[:20]
     _, before = distann.open_index(url).search(xq, k=5, nprobe=2)
-    proc = subprocess.Popen(_cli("build", src, url, "--spec", "IVF16,Flat", "--overwrite", *common),
+    proc = subprocess.Popen(cli("build", src, url, "--spec", "IVF16,Flat", "--overwrite", *common),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if len(glob.glob(os.path.join(url, "g000002", "staging", "*", "DONE"))) >= 2:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the build ended before it could be stopped"
+    wait_for_staged_chunks(proc, url, generation=2, count=2)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
@@ -145,7 +136,7 @@ def test_sigterm_stops_a_build_cleanly(tmp_path):
     lease = json.loads(Path(url, "leases", "g000002.000001.json").read_text())
     assert lease["state"] == "released"
     np.testing.assert_array_equal(distann.open_index(url).search(xq, k=5, nprobe=2)[1], before)
-    subprocess.run(_cli("build", src, url, "--spec", "IVF16,Flat", "--overwrite", *common), check=True, timeout=300)
+    subprocess.run(cli("build", src, url, "--spec", "IVF16,Flat", "--overwrite", *common), check=True, timeout=300)
     assert distann.open_index(url).manifest.build["resumed_chunks"] >= 2
 
 
@@ -156,7 +147,7 @@ def test_bad_record_on_a_worker_is_one_clean_line(tmp_path):
     offset = 3000 * (4 + 16 * 4)
     raw[offset:offset + 4] = struct.pack("<i", 17)  # record 3000 claims 17 dimensions
     path.write_bytes(bytes(raw))
-    proc = subprocess.run(_cli("build", str(path), str(tmp_path / "idx.zarr"), "--spec", "IVF8,Flat",
+    proc = subprocess.run(cli("build", str(path), str(tmp_path / "idx.zarr"), "--spec", "IVF8,Flat",
                                "--workers", "2"), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "record 3000 has dimension 17, expected 16" in proc.stderr
@@ -183,7 +174,7 @@ def test_a_normal_build_prints_a_few_lines(tmp_path):
     src = str(tmp_path / "base.npy")
     write_npy(src, 20_000, 16)
     run = lambda *extra: subprocess.run(  # noqa: E731
-        _cli(*extra, "build", src, str(tmp_path / "idx.zarr"), "--spec", "IVF16,Flat", "--workers", "2",
+        cli(*extra, "build", src, str(tmp_path / "idx.zarr"), "--spec", "IVF16,Flat", "--workers", "2",
              "--overwrite"), capture_output=True, text=True, timeout=300)
     quiet = run()
     assert quiet.returncode == 0, quiet.stderr
@@ -217,7 +208,7 @@ def test_progress_bars_only_on_a_terminal_and_not_with_no_progress(tmp_path):
     def stderr_on_a_tty(*extra: str) -> str:
         leader, follower = pty.openpty()
         fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # 40 rows, 120 columns
-        proc = subprocess.Popen(_cli("build", src, str(tmp_path / "idx.zarr"), "--spec", "IVF16,Flat",
+        proc = subprocess.Popen(cli("build", src, str(tmp_path / "idx.zarr"), "--spec", "IVF16,Flat",
                                      "--workers", "2", "--overwrite", *extra),
                                 stdout=subprocess.DEVNULL, stderr=follower)
         os.close(follower)

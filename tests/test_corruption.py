@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ import pytest
 
 import distann
 from distann.errors import IndexFormatError
-from tests.ann_helpers import dataset
+from tests.ann_helpers import cli, dataset
 
 N, D, NLIST = 4000, 256, 4  # d=256: 1024 rows per 1 MiB codes chunk, so each shard has several chunks
 
@@ -123,7 +122,7 @@ def test_format_version_1_still_opens_with_a_warning(copy, caplog):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "distann.cli", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(cli(*args), capture_output=True, text=True, timeout=120)
 
 
 def test_cli_verify_and_search_report_corruption_in_one_line(built, copy):

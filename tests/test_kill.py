@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import glob
 import os
 import signal
 import subprocess
-import sys
-import time
 
 import numpy as np
 
 import distann
 from distann.synthetic import write_npy
+from tests.ann_helpers import cli, wait_for_staged_chunks
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "distann.cli", "--log-level", "WARNING", *args]
+    return cli("--log-level", "WARNING", *args)
 
 
 def test_killed_build_leaves_old_index_and_resumes(tmp_path):
@@ -31,12 +29,7 @@ def test_killed_build_leaves_old_index_and_resumes(tmp_path):
     # a rebuild with another nlist, killed (SIGKILL, client and cluster alike) once add tasks finish
     proc = subprocess.Popen(_cli("build", src, url, "--spec", "IVF16,Flat", "--overwrite", *common),
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if len(glob.glob(os.path.join(url, "g000002", "staging", "*", "DONE"))) >= 3:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the build ended before it could be killed"
+    wait_for_staged_chunks(proc, url, generation=2, count=3)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
 

@@ -20,6 +20,7 @@ from distann.errors import BuildConflictError
 from distann.store.lease import GenerationLease, lease_path
 from distann.store.location import Location
 from distann.synthetic import write_npy
+from tests.ann_helpers import cli
 
 
 def _record(**kw) -> bytes:
@@ -97,7 +98,7 @@ def test_lease_of_a_killed_process_on_this_host_is_stale_at_once(tmp_path):
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "distann.cli", "--log-level", "WARNING", *args]
+    return cli("--log-level", "WARNING", *args)
 
 
 def test_two_concurrent_builds_one_wins_and_the_index_stays_readable(tmp_path):

@@ -96,6 +96,9 @@ def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2"
                     metric=metric, niter=niter, seed=seed, init=init, mppc=max_points_per_centroid,
                     chunk_rows=chunk_rows, shard_bytes=shard_bytes, format=FORMAT_VERSION)
     gen = f"g{committed + 1:06d}"
+    if loc.list_dir(gen) and not loc.exists(f"{gen}/BUILD.json"):
+        raise IndexExistsError(f"{loc.url}: {gen}/ holds files distann did not write; move them away "
+                               "(distann never deletes files it did not write)")
     chunks = plan_chunks(src.n, chunk_rows)
     ctx = AddContext(loc, gen, ispec.nlist, metric, ispec.codec, src.d)
     timings: dict[str, float] = {}
@@ -247,10 +250,8 @@ def _resumable(loc: Location, gen: str, key: str) -> bool:
 
 
 def _start_generation(loc: Location, gen: str, key: str) -> None:
-    """Clear what an interrupted, different build left in ``gen`` and mark it as ours."""
-    if loc.list_dir(gen) and not loc.exists(f"{gen}/BUILD.json"):
-        raise IndexExistsError(f"{loc.url}: {gen}/ holds files distann did not write; move them away "
-                               "(distann never deletes files it did not write)")
+    """Clear what an interrupted, different build left in ``gen`` (checked to be distann's
+    before the lease was taken) and mark it as ours."""
     loc.remove(gen)
     loc.write_json(f"{gen}/BUILD.json",
                    {"build_key": key, "started": datetime.now(timezone.utc).isoformat(timespec="seconds")})

@@ -144,7 +144,7 @@ class GenerationLease:
         while not self._stop.wait(self.record.ttl / 3):
             try:
                 self.renew()
-            except OSError as exc:  # a failed renewal is retried; the commit re-checks ownership
+            except Exception as exc:  # noqa: BLE001 - retried at the next beat; the commit re-checks ownership
                 log.warning("%s: could not renew the build lease (%s)", self.loc.url, exc)
 
     def renew(self) -> None:

@@ -95,47 +95,43 @@ class Location:
         ``data`` may be any buffer (e.g. ``ndarray.data``): on local disks it is written
         without a copy. Atomicity protects against killed processes; ``durable`` also fsyncs
         the file before the rename (against power loss) — used for the manifest, the commit."""
-        target = self.path(rel)
-        parent = posixpath.dirname(target)
-        if self.is_local:
-            os.makedirs(parent, exist_ok=True)
-            tmp = f"{target}.tmp-{uuid.uuid4().hex}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                if durable:
-                    f.flush()
-                    os.fsync(f.fileno())
-            os.replace(tmp, target)
-        else:
-            self.fs.makedirs(parent, exist_ok=True)
-            self.fs.pipe_file(target, bytes(data))
+        self._put(rel, data, durable, exclusive=False)
 
     def create_exclusive(self, rel: str, data: bytes) -> bool:
         """Create file ``rel`` holding ``data`` unless it exists: True if this call created it.
 
-        Atomic against concurrent creators: readers never see a partial file."""
+        Atomic against concurrent creators, and readers never see a partial file."""
+        return self._put(rel, data, durable=True, exclusive=True)
+
+    def _put(self, rel: str, data: bytes | memoryview, durable: bool, exclusive: bool) -> bool:
         target = self.path(rel)
         parent = posixpath.dirname(target)
-        if self.is_local:
-            os.makedirs(parent, exist_ok=True)
-            tmp = f"{target}.tmp-{uuid.uuid4().hex}"
-            with open(tmp, "wb") as f:
-                f.write(data)
+        if not self.is_local:
+            self.fs.makedirs(parent, exist_ok=True)
+            try:
+                self.fs.pipe_file(target, bytes(data), mode="create" if exclusive else "overwrite")
+            except FileExistsError:
+                if not exclusive:
+                    raise
+                return False
+            return True
+        os.makedirs(parent, exist_ok=True)
+        tmp = f"{target}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            if durable:
                 f.flush()
                 os.fsync(f.fileno())
-            try:
-                os.link(tmp, target)
-            except FileExistsError:
-                return False
-            finally:
-                with suppress(FileNotFoundError):
-                    os.unlink(tmp)
+        if not exclusive:
+            os.replace(tmp, target)
             return True
-        self.fs.makedirs(parent, exist_ok=True)
         try:
-            self.fs.pipe_file(target, data, mode="create")
+            os.link(tmp, target)  # fails if the name exists: the exclusive step
         except FileExistsError:
             return False
+        finally:
+            with suppress(FileNotFoundError):
+                os.unlink(tmp)
         return True
 
     def read_json(self, rel: str) -> Any:
