@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import subprocess
 import sys
 import time
 
@@ -49,9 +50,21 @@ def assert_same_neighbours(D, I, D_ref, I_ref, *, rtol: float, atol: float) -> N
         assert len(set(ids[ids >= 0])) == len(ids[ids >= 0]), f"row {row}: duplicate ids {ids}"
 
 
-def cli(*args: str) -> list[str]:
-    """The command line of ``distann ARGS`` in a fresh Python process of this interpreter."""
-    return [sys.executable, "-m", "distann.cli", *args]
+def cli(*args: str, quiet: bool = False) -> list[str]:
+    """The command line of ``distann ARGS`` in a fresh Python process of this interpreter
+    (``quiet``: warnings and errors only)."""
+    return [sys.executable, "-m", "distann.cli", *(("--log-level", "WARNING") if quiet else ()), *args]
+
+
+def first_build(root, n: int, spec: str, *options: str) -> tuple[str, str]:
+    """Write ``n`` x 16 vectors to ``root/base.npy`` and commit a first index of them at
+    ``root/idx.zarr`` with ``distann build SPEC OPTIONS``; returns (source, index URL)."""
+    from distann.synthetic import write_npy
+
+    src, url = os.path.join(root, "base.npy"), os.path.join(root, "idx.zarr")
+    write_npy(src, n, 16)
+    subprocess.run(cli("build", src, url, "--spec", spec, *options, quiet=True), check=True, timeout=300)
+    return src, url
 
 
 def wait_for_staged_chunks(proc, url: str, generation: int, count: int, timeout: float = 240) -> None:

@@ -23,7 +23,7 @@ from distann.cluster import MAX_WORKERS_PER_CORE, check_cluster_args
 from distann.errors import ValidationError
 from distann.sources import write_fvecs
 from distann.synthetic import write_npy
-from tests.ann_helpers import cli, wait_for_staged_chunks
+from tests.ann_helpers import cli, first_build, wait_for_staged_chunks
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,11 +117,8 @@ def test_too_many_local_workers(tmp_path, caplog):
 
 
 def test_sigterm_stops_a_build_cleanly(tmp_path):
-    src = str(tmp_path / "base.npy")
-    write_npy(src, 60_000, 16)
-    url = str(tmp_path / "idx.zarr")
     common = ["--log-level", "WARNING", "--workers", "2", "--chunk-rows", "2000", "--niter", "4"]
-    subprocess.run(cli("build", src, url, "--spec", "IVF8,Flat", *common), check=True, timeout=300)
+    src, url = first_build(tmp_path, 60_000, "IVF8,Flat", *common)
     xq = np.load(src)[:20]
     _, before = distann.open_index(url).search(xq, k=5, nprobe=2)
     proc = subprocess.Popen(cli("build", src, url, "--spec", "IVF16,Flat", "--overwrite", *common),

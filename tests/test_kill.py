@@ -9,25 +9,17 @@ import subprocess
 import numpy as np
 
 import distann
-from distann.synthetic import write_npy
-from tests.ann_helpers import cli, wait_for_staged_chunks
-
-
-def _cli(*args: str) -> list[str]:
-    return cli("--log-level", "WARNING", *args)
+from tests.ann_helpers import cli, first_build, wait_for_staged_chunks
 
 
 def test_killed_build_leaves_old_index_and_resumes(tmp_path):
-    src = str(tmp_path / "base.npy")
-    write_npy(src, 60_000, 16)
-    url = str(tmp_path / "idx.zarr")
     common = ["--workers", "2", "--chunk-rows", "2000", "--niter", "4"]
-    subprocess.run(_cli("build", src, url, "--spec", "IVF8,Flat", *common), check=True, timeout=300)
+    src, url = first_build(tmp_path, 60_000, "IVF8,Flat", *common)
     xq = np.load(src)[:20]
     _, I_old = distann.open_index(url).search(xq, k=5, nprobe=2)
 
     # a rebuild with another nlist, killed (SIGKILL, client and cluster alike) once add tasks finish
-    proc = subprocess.Popen(_cli("build", src, url, "--spec", "IVF16,Flat", "--overwrite", *common),
+    proc = subprocess.Popen(cli("build", src, url, "--spec", "IVF16,Flat", "--overwrite", *common, quiet=True),
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_staged_chunks(proc, url, generation=2, count=3)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -37,7 +29,8 @@ def test_killed_build_leaves_old_index_and_resumes(tmp_path):
     assert old.nlist == 8
     np.testing.assert_array_equal(old.search(xq, k=5, nprobe=2)[1], I_old)
 
-    subprocess.run(_cli("build", src, url, "--spec", "IVF16,Flat", "--overwrite", *common), check=True, timeout=300)
+    subprocess.run(cli("build", src, url, "--spec", "IVF16,Flat", "--overwrite", *common, quiet=True),
+                   check=True, timeout=300)
     new = distann.open_index(url)
     assert new.nlist == 16 and new.manifest.build["resumed_chunks"] >= 3
     assert np.array_equal(np.sort(new.lists.load_all()[1]), np.arange(60_000))

@@ -19,8 +19,7 @@ import distann
 from distann.errors import BuildConflictError
 from distann.store.lease import GenerationLease, lease_path
 from distann.store.location import Location
-from distann.synthetic import write_npy
-from tests.ann_helpers import cli
+from tests.ann_helpers import cli, first_build
 
 
 def _record(**kw) -> bytes:
@@ -97,18 +96,12 @@ def test_lease_of_a_killed_process_on_this_host_is_stale_at_once(tmp_path):
     assert GenerationLease.acquire(loc, 1, ttl=3600, what="rerun").attempt == 2
 
 
-def _cli(*args: str) -> list[str]:
-    return cli("--log-level", "WARNING", *args)
-
-
 def test_two_concurrent_builds_one_wins_and_the_index_stays_readable(tmp_path):
     """The defect: two builds of one URL at once left an index that failed to open."""
-    src = str(tmp_path / "base.npy")
-    write_npy(src, 30_000, 16)
-    url = str(tmp_path / "x.zarr")
     common = ["--workers", "1", "--niter", "3", "--chunk-rows", "5000"]
-    subprocess.run(_cli("build", src, url, "--spec", "IVF16,Flat", *common), check=True, timeout=300)
-    procs = [subprocess.Popen(_cli("build", src, url, "--spec", spec, "--overwrite", "--seed", seed, *common),
+    src, url = first_build(tmp_path, 30_000, "IVF16,Flat", *common)
+    procs = [subprocess.Popen(cli("build", src, url, "--spec", spec, "--overwrite", "--seed", seed, *common,
+                                  quiet=True),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for spec, seed in (("IVF64,Flat", "1"), ("IVF32,Flat", "2"))]
     results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
