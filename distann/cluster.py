@@ -42,7 +42,7 @@ _GUARD_HINT = ('put the code that calls distann under `if __name__ == "__main__"
 
 
 def check_cluster_args(workers: object = None, scheduler: object = None, client: object = None) -> None:
-    """Validate how a job gets its cluster; warn when ``workers`` exceeds the cores."""
+    """Validate how a job gets its cluster (before anything starts)."""
     if client is None and scheduler is None:
         _stop_if_bootstrapping()
     if client is not None and (workers is not None or scheduler is not None):
@@ -60,8 +60,6 @@ def check_cluster_args(workers: object = None, scheduler: object = None, client:
         raise ValidationError("workers", workers, f"at most {MAX_WORKERS_PER_CORE * cores} local worker processes "
                               f"on this machine's {cores} cores (more only thrash); use a cluster (scheduler) "
                               "for more workers")
-    if workers > cores:
-        log.warning("%d worker processes on %d cores: they will compete for the cores", workers, cores)
 
 
 def _bootstrap_report() -> str:
@@ -144,7 +142,10 @@ def client_context(workers: int | None = None, scheduler: str | None = None,
         return
     from distributed import Client
 
-    n = workers or os.cpu_count() or 1
+    cores = os.cpu_count() or 1
+    n = workers or cores
+    if n > cores:
+        log.warning("%d worker processes on %d cores: they will compete for the cores", n, cores)
     with _start_local(n, memory_limit) as cluster, Client(cluster) as c:
         c.register_worker_callbacks(_quiet_worker_logs)
         log.info("started local Dask cluster: %d worker process(es); dashboard: %s", n, c.dashboard_link)

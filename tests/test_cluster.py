@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import distann
-from distann.cluster import MAX_WORKERS_PER_CORE, check_cluster_args
+from distann.cluster import MAX_WORKERS_PER_CORE, client_context
 from distann.errors import ValidationError
 from distann.sources import write_fvecs
 from distann.synthetic import write_npy
@@ -111,9 +111,9 @@ def test_too_many_local_workers(tmp_path, caplog):
         distann.build(np.ones((100, 4), np.float32), str(tmp_path / "x.zarr"), spec="IVF2,Flat",
                       workers=MAX_WORKERS_PER_CORE * cores + 1)
     assert not (tmp_path / "x.zarr").exists()
-    with caplog.at_level(logging.WARNING, logger="distann"):
-        check_cluster_args(workers=cores + 1)
-    assert f"{cores + 1} worker processes on {cores} cores" in caplog.text
+    with caplog.at_level(logging.WARNING, logger="distann"), client_context(workers=cores + 1) as c:
+        assert len(c.scheduler_info()["workers"]) == cores + 1
+    assert caplog.text.count(f"{cores + 1} worker processes on {cores} cores") == 1
 
 
 def test_sigterm_stops_a_build_cleanly(tmp_path):
