@@ -38,14 +38,9 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'distann' has no attribute {name!r}")
 
 
-# The subpackage ``distann.build`` and the function ``distann.build`` share a name: import the
-# (light) subpackage first so that the function defined below is what ``distann.build`` means.
-importlib.import_module("distann.build")
-
-
 def build(source, index_url, spec="IVF1024,Flat", metric="l2", ids=None, client=None, **options):
-    """Build an IVF index; see :func:`distann.build.driver.build` for every option."""
-    from distann.build.driver import build as _build
+    """Build an IVF index; see :func:`distann.builder.driver.build` for every option."""
+    from distann.builder.driver import build as _build
 
     return _build(source, index_url, spec, metric, ids, client, **options)
 

@@ -223,7 +223,7 @@ def _save(url: str, writer: Any, storage_options: Mapping[str, Any] | None = Non
 
 def _read_queries(url: str, column: str | None, d: int) -> np.ndarray:
     """The queries of the file at ``url``, under the same dtype rule as Index.search."""
-    from distann.search.validate import check_query_dtype
+    from distann.validation import check_query_dtype
     from distann.sources import open_source
 
     try:

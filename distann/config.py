@@ -54,7 +54,6 @@ import dataclasses
 import difflib
 import math
 import os
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,6 +62,7 @@ import dask.config
 import yaml
 
 from distann.errors import ValidationError
+from distann.validation import INITS, METRICS, check_choice, check_nonnegative_int, check_positive_int
 
 __all__ = [
     "DEFAULTS", "get", "BuildJob", "SearchJob", "KMeansJob", "JOB_KINDS", "from_dict",
@@ -83,22 +83,6 @@ DEFAULTS: dict[str, Any] = {
 dask.config.update_defaults(DEFAULTS)
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _tunable_positive(key: str, value: object) -> int:
-    if not _is_int(value) or value < 1:
-        raise ValidationError(key, value, "must be a positive integer")
-    return value
-
-
-def _tunable_nonnegative(key: str, value: object) -> int:
-    if not _is_int(value) or value < 0:
-        raise ValidationError(key, value, "must be a non-negative integer (0 disables the cache)")
-    return value
-
-
 def _tunable_name(key: str, value: object) -> str:
     if not isinstance(value, str) or not value:
         raise ValidationError(key, value, "must be a non-empty backend name such as 'numba' or 'numpy'")
@@ -106,12 +90,12 @@ def _tunable_name(key: str, value: object) -> str:
 
 
 _TUNABLE_CHECKS: dict[str, Callable[[str, object], Any]] = {
-    "build.chunk-rows": _tunable_positive,
-    "build.shard-bytes": _tunable_positive,
-    "build.lease-seconds": _tunable_positive,
-    "cluster.connect-timeout": _tunable_positive,
-    "search.cache-bytes": _tunable_nonnegative,
-    "search.batch-size": _tunable_positive,
+    "build.chunk-rows": check_positive_int,
+    "build.shard-bytes": check_positive_int,
+    "build.lease-seconds": check_positive_int,
+    "cluster.connect-timeout": check_positive_int,
+    "search.cache-bytes": check_nonnegative_int,
+    "search.batch-size": check_positive_int,
     "kernels.backend": _tunable_name,
 }
 
@@ -134,9 +118,6 @@ def get(key: str) -> Any:
 # --------------------------------------------------------------------------- field checks
 
 Check = Callable[[object, str], Any]
-METRICS = ("l2", "ip", "cosine")
-INITS = ("k-means++", "k-means||", "random")
-_SPEC_RE = re.compile(r"IVF(\d+),Flat")
 
 
 def _text(value: object, param: str) -> str:
@@ -152,15 +133,11 @@ def _flag(value: object, param: str) -> bool:
 
 
 def _positive(value: object, param: str) -> int:
-    if not _is_int(value) or value < 1:
-        raise ValidationError(param, value, "must be a positive integer")
-    return value
+    return check_positive_int(param, value)
 
 
 def _nonnegative(value: object, param: str) -> int:
-    if not _is_int(value) or value < 0:
-        raise ValidationError(param, value, "must be a non-negative integer")
-    return value
+    return check_nonnegative_int(param, value)
 
 
 def _real(value: object, param: str) -> float:
@@ -177,17 +154,14 @@ def _real(value: object, param: str) -> float:
 
 def _choice(options: tuple[str, ...]) -> Check:
     def check(value: object, param: str) -> str:
-        if value not in options:
-            raise ValidationError(param, value, f"must be one of {', '.join(options)}")
-        return value  # type: ignore[return-value]
+        return check_choice(param, value, options)
     return check
 
 
 def _spec(value: object, param: str) -> str:
-    match = _SPEC_RE.fullmatch(value) if isinstance(value, str) else None
-    if match is None or int(match.group(1)) < 1:
-        raise ValidationError(param, value, "must be 'IVF<nlist>,Flat' with an integer nlist >= 1, "
-                                            "e.g. 'IVF1024,Flat' (case-sensitive)")
+    from distann.codecs import parse_spec
+
+    parse_spec(value, param=param)
     return value  # type: ignore[return-value]
 
 

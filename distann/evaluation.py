@@ -13,14 +13,12 @@ from distann.errors import ValidationError
 
 
 def _chunk_knn(source, start: int, stop: int, xq: np.ndarray, k: int, metric: str, backend: str):
+    from distann.codecs.metric import for_metric, kernel_metric
     from distann.kernels import get_backend
-    from distann.train.sampling import normalize_rows
 
-    x = source.read_rows(start, stop)
-    if metric == "cosine":
-        x = normalize_rows(x)
+    x = for_metric(source.read_rows(start, stop), metric)
     kern = get_backend(backend)
-    return kern.exact_knn(xq, x, np.arange(start, stop, dtype=np.int64), k, "l2" if metric == "l2" else "ip")
+    return kern.exact_knn(xq, x, np.arange(start, stop, dtype=np.int64), k, kernel_metric(metric))
 
 
 def _merge_pair(a, b, k: int, metric: str, backend: str):
@@ -40,22 +38,18 @@ def brute_force_knn(source, queries, k: int, metric: str = "l2", *, client=None,
     merged pairwise on the workers. Ids are row numbers. Peak memory per task: one chunk plus
     (nq x chunk) distances in blocks. Returns ``(D, I)`` of shape (nq, k), best first.
     """
-    from distann.build.plan import plan_chunks
-    from distann.cluster import client_context
-    from distann.codecs import check_metric
-    from distann.search.validate import check_k, check_queries
+    from distann.chunks import plan_chunks
+    from distann.cluster import client_context, tree_reduce
+    from distann.codecs.metric import for_metric, kernel_metric
     from distann.sources import as_source
-    from distann.train.kmeans import tree_reduce
-    from distann.train.sampling import normalize_rows
+    from distann.validation import check_k, check_metric, check_queries
 
     check_metric(metric)
     k = check_k(k)
     src = as_source(source, column=column, storage_options=storage_options)
-    xq = check_queries(queries, src.d)
-    if metric == "cosine":
-        xq = normalize_rows(xq)
+    xq = for_metric(check_queries(queries, src.d), metric)
     backend = backend or config.get("kernels.backend")
-    kmetric = "l2" if metric == "l2" else "ip"
+    kmetric = kernel_metric(metric)
     chunk_rows = chunk_rows or config.get("build.chunk-rows")
     with client_context(workers=workers, scheduler=scheduler, client=client) as c:
         qf = c.scatter(xq, broadcast=True)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import distann
-from distann.build.tasks import InjectedFault
+from distann.builder.tasks import InjectedFault
 from distann.errors import IndexFormatError, ValidationError
 from tests.ann_helpers import assert_same_neighbours, brute_force, dataset
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from distann._progress import wait_all
+from distann.cluster import wait_all
 
 
 def _slow_write(path: str, delay: float) -> str:

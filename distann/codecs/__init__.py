@@ -16,7 +16,6 @@ from distann.errors import ValidationError
 #: codec name -> "module:class"
 _REGISTRY = {"Flat": "distann.codecs.flat:FlatCodec"}
 
-METRICS = ("l2", "ip", "cosine")
 _SPEC_RE = re.compile(r"^IVF(\d+),(\w+)$")
 
 
@@ -31,20 +30,14 @@ class IndexSpec:
         return f"IVF{self.nlist},{self.codec}"
 
 
-def parse_spec(spec: object) -> IndexSpec:
-    allowed = f"a string 'IVF<nlist>,<codec>' with nlist >= 1 and codec in {sorted(_REGISTRY)}, e.g. 'IVF1024,Flat'"
+def parse_spec(spec: object, param: str = "spec") -> IndexSpec:
+    allowed = f"a spec 'IVF<nlist>,Flat' with nlist >= 1 (codecs: {', '.join(sorted(_REGISTRY))}), e.g. 'IVF1024,Flat'"
     if not isinstance(spec, str):
-        raise ValidationError("spec", spec, allowed)
+        raise ValidationError(param, spec, allowed)
     m = _SPEC_RE.match(spec.strip())
     if not m or int(m.group(1)) < 1 or m.group(2) not in _REGISTRY:
-        raise ValidationError("spec", spec, allowed)
+        raise ValidationError(param, spec, allowed)
     return IndexSpec(int(m.group(1)), m.group(2))
-
-
-def check_metric(metric: object) -> str:
-    if not isinstance(metric, str) or metric not in METRICS:
-        raise ValidationError("metric", metric, f"one of {list(METRICS)}")
-    return metric
 
 
 def make_codec(name: str, d: int) -> Codec:
@@ -54,4 +47,4 @@ def make_codec(name: str, d: int) -> Codec:
     return getattr(importlib.import_module(module), cls)(d)
 
 
-__all__ = ["Codec", "IndexSpec", "METRICS", "check_metric", "make_codec", "parse_spec"]
+__all__ = ["Codec", "IndexSpec", "make_codec", "parse_spec"]

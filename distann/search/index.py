@@ -17,12 +17,13 @@ import numpy as np
 
 from distann import config
 from distann.codecs import make_codec
+from distann.codecs.metric import for_metric, kernel_metric
 from distann.errors import IndexFormatError, ValidationError
 from distann.kernels import get_backend
 from distann.search.lists import ListStore
 from distann.search.plan import ProbePlan, expand_to_all_lists, plan_probes
-from distann.search.validate import (check_ids_allowed, check_k, check_max_codes, check_nprobe, check_queries,
-                                     check_radius, ids_mask)
+from distann.validation import (check_ids_allowed, check_k, check_max_codes, check_nprobe, check_queries,
+                                check_radius, ids_mask)
 from distann.store.arrays import CheckedStore, StoredArray, checksum
 from distann.store.location import Location
 from distann.store.manifest import Manifest, read_manifest
@@ -150,9 +151,7 @@ class Index:
         allowed = self.defaults.ids_allowed if ids_allowed is None else ids_allowed
         check_ids_allowed(allowed)
         kern = get_backend(backend or config.get("kernels.backend"))
-        if self.metric == "cosine":
-            from distann.train.sampling import normalize_rows
-            xq = normalize_rows(xq)
+        xq = for_metric(xq, self.metric)
         return xq, nprobe, max_codes, allowed, kern
 
     def _batches(self, nq: int, per_query_bytes: int = 0):
@@ -189,7 +188,7 @@ class Index:
         """
         k = check_k(self.defaults.k if k is None else k)
         xq, nprobe, max_codes, allowed, kern = self._prepare(xq, nprobe, max_codes, ids_allowed, backend)
-        kmetric = "l2" if self.metric == "l2" else "ip"
+        kmetric = kernel_metric(self.metric)
         nq = len(xq)
         D = np.empty((nq, k), dtype=np.float32)
         I = np.empty((nq, k), dtype=np.int64)
@@ -212,7 +211,7 @@ class Index:
         """
         radius = check_radius(radius, self.metric)
         xq, nprobe, max_codes, allowed, kern = self._prepare(xq, nprobe, max_codes, ids_allowed, backend)
-        kmetric = "l2" if self.metric == "l2" else "ip"
+        kmetric = kernel_metric(self.metric)
         lims_parts, D_parts, I_parts, base = [np.zeros(1, np.int64)], [], [], 0
         for s, e in self._batches(len(xq)):
             q = np.ascontiguousarray(xq[s:e])

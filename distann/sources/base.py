@@ -25,14 +25,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from distann.chunks import DEFAULT_CHUNK_ROWS, plan_chunks
 from distann.errors import ValidationError
 
 if TYPE_CHECKING:
     import dask.array as da
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_CHUNK_ROWS = 65536
 
 #: keys of an fsspec ``info()`` dict that identify a version of a file, most specific first
 _STAMP_KEYS = ("ETag", "etag", "generation", "md5Hash", "mtime", "LastModified", "last_modified", "updated")
@@ -143,11 +142,6 @@ def _read_ids_task(source: IdSource, start: int, stop: int) -> np.ndarray:
     return source.read(start, stop)
 
 
-def chunk_bounds(n: int, chunk_rows: int) -> list[tuple[int, int]]:
-    """``[(0, c), (c, 2c), ..., (k c, n)]``."""
-    return [(a, min(a + chunk_rows, n)) for a in range(0, n, chunk_rows)]
-
-
 def check_chunk_rows(chunk_rows: object) -> int:
     """``chunk_rows`` as a positive int."""
     if isinstance(chunk_rows, bool):
@@ -167,7 +161,7 @@ def rows_to_dask(source: Any, n: int, trailing: tuple[int, ...], dtype: Any, chu
     from dask.base import tokenize
 
     chunk_rows = check_chunk_rows(chunk_rows)
-    bounds = chunk_bounds(n, chunk_rows)
+    bounds = [(c.start, c.stop) for c in plan_chunks(n, chunk_rows)]
     name = "distann-read-" + tokenize(source, chunk_rows)
     tail = (0,) * len(trailing)
     dsk: dict[tuple, tuple] = {}

@@ -8,11 +8,11 @@ import operator
 import numpy as np
 
 from distann import config
-from distann._progress import wait_all
-from distann.build.plan import plan_chunks
-from distann.cluster import client_context
+from distann.chunks import plan_chunks
+from distann.cluster import client_context, wait_all
 from distann.errors import ValidationError
-from distann.train.kmeans import INITS, KMeansResult, train_on_blocks
+from distann.train.kmeans import KMeansResult, train_on_blocks
+from distann.validation import INITS, check_choice, check_metric, check_positive_int
 from distann.train.sampling import ChunkScan, raise_if_nonfinite, sample_row_ids, scan_chunk
 
 log = logging.getLogger(__name__)
@@ -20,17 +20,10 @@ log = logging.getLogger(__name__)
 _SAMPLE_BLOCK = 65536  # sample rows per training block
 
 
-def check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValidationError(name, value, "a positive integer")
-    return int(value)
-
-
 def check_train_params(niter: object, init: object, seed: object, max_points_per_centroid: object) -> None:
     check_positive_int("niter", niter)
     check_positive_int("max_points_per_centroid", max_points_per_centroid)
-    if init not in INITS:
-        raise ValidationError("init", init, f"one of {list(INITS)}")
+    check_choice("init", init, INITS)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise ValidationError("seed", seed, "an integer")
 
@@ -77,7 +70,6 @@ def kmeans(source, k: int, *, niter: int = 25, metric: str = "l2", init: str = "
     with ``niter`` Lloyd iterations. ``metric`` "l2" is ordinary k-means; "ip" is spherical
     k-means (centroids normalized each iteration); "cosine" also normalizes the data.
     """
-    from distann.codecs import check_metric
     from distann.sources import as_source
 
     k = check_positive_int("k", k)

@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from distann.cluster import tree_reduce
 from distann.errors import ValidationError
+from distann.validation import INITS  # noqa: F401 - part of this module's interface
 
 log = logging.getLogger(__name__)
 
-INITS = ("k-means||", "k-means++", "random")
 MIN_POINTS_PER_CENTROID = 39
 _SUB = 2048            # rows per distance sub-block: a (2048 x k) float32 score block stays in cache
 _SPLIT_EPS = 1.0 / 1024.0
@@ -152,18 +153,6 @@ def _sum(x: np.ndarray) -> float:
 
 
 # ---------------------------------------------------------------- client-side pieces
-
-def tree_reduce(client, futures: list, fn, fan_in: int = 2):
-    """Reduce futures pairwise on the workers; returns one future."""
-    level = list(futures)
-    while len(level) > 1:
-        nxt = []
-        for i in range(0, len(level), fan_in):
-            group = level[i:i + fan_in]
-            nxt.append(group[0] if len(group) == 1 else client.submit(fn, *group, pure=False))
-        level = nxt
-    return level[0]
-
 
 def weighted_kmeanspp(x: np.ndarray, w: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     """D^2 seeding of ``k`` centers from points ``x`` with weights ``w`` (client side, O(k n d))."""

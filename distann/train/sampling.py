@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from distann.codecs.metric import normalize_rows
 from distann.errors import ValidationError
 
 
@@ -46,13 +47,6 @@ def scan_chunk(source, start: int, stop: int, sample_rows: np.ndarray, normalize
     if normalize and nbad == 0:
         block = normalize_rows(block)
     return ChunkScan(start, nbad, first), block
-
-
-def normalize_rows(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm; all-zero rows stay zero."""
-    norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64)).astype(np.float32)
-    norms[norms == 0] = 1.0
-    return np.ascontiguousarray(x / norms[:, None], dtype=np.float32)
 
 
 def raise_if_nonfinite(scans: list[ChunkScan], param: str = "source") -> None:

@@ -12,22 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
-@dataclass(frozen=True)
-class ChunkTask:
-    """Rows ``[start, stop)`` of the source: one shard-over-ids add task and one staging output."""
-
-    index: int
-    start: int
-    stop: int
-
-    @property
-    def name(self) -> str:
-        return f"c{self.index:06d}"
-
-    @property
-    def size(self) -> int:
-        return self.stop - self.start
+from distann.chunks import ChunkTask, plan_chunks  # noqa: F401 - re-exported: the build plans by chunks
 
 
 @dataclass(frozen=True)
@@ -42,13 +27,6 @@ class ShardTask:
     @property
     def name(self) -> str:
         return f"s{self.index:06d}"
-
-
-def plan_chunks(n: int, chunk_rows: int) -> tuple[ChunkTask, ...]:
-    """Split ``n`` rows into consecutive chunks of ``chunk_rows`` (the last may be shorter)."""
-    if n < 0 or chunk_rows < 1:
-        raise ValueError(f"plan_chunks: n={n}, chunk_rows={chunk_rows}")
-    return tuple(ChunkTask(i, s, min(n, s + chunk_rows)) for i, s in enumerate(range(0, n, chunk_rows)))
 
 
 def plan_shards(list_sizes: np.ndarray, code_size: int, shard_bytes: int) -> tuple[ShardTask, ...]:

@@ -1,4 +1,7 @@
-"""Boundary checks of search calls: each error names the parameter, the value and what is allowed."""
+"""Checks at the API boundary: each error names the parameter, the value received and what is
+allowed (:class:`~distann.errors.ValidationError`). Every module validates through these, so a
+rule and its message are written once.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +9,39 @@ import numpy as np
 
 from distann.errors import ValidationError
 
+#: distances an index can use: l2 (squared Euclidean), ip (inner product), cosine (ip on
+#: L2-normalized vectors)
+METRICS = ("l2", "ip", "cosine")
 
-def _is_int(v: object) -> bool:
+#: k-means initializations: random (k distinct sample points, as Faiss), k-means++, k-means||
+INITS = ("k-means||", "k-means++", "random")
+
+
+def is_int(v: object) -> bool:
+    """An integer (Python or NumPy), not a bool."""
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def check_positive_int(param: str, value: object) -> int:
+    if not is_int(value) or value < 1:
+        raise ValidationError(param, value, "a positive integer")
+    return int(value)
+
+
+def check_nonnegative_int(param: str, value: object) -> int:
+    if not is_int(value) or value < 0:
+        raise ValidationError(param, value, "a non-negative integer")
+    return int(value)
+
+
+def check_choice(param: str, value: object, options: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in options:
+        raise ValidationError(param, value, f"one of {list(options)}")
+    return value
+
+
+def check_metric(metric: object) -> str:
+    return check_choice("metric", metric, METRICS)
 
 
 #: the dtypes queries may have, in the API and on the command line alike (float64 is converted)
@@ -38,14 +71,12 @@ def check_queries(xq: object, d: int) -> np.ndarray:
 
 
 def check_k(k: object) -> int:
-    if not _is_int(k) or k < 1:
-        raise ValidationError("k", k, "a positive integer")
-    return int(k)
+    return check_positive_int("k", k)
 
 
 def check_nprobe(nprobe: object, nlist: int) -> int:
     """1 <= nprobe <= nlist. Unlike Faiss, a larger nprobe is an error, not a silent clamp."""
-    if not _is_int(nprobe) or not 1 <= nprobe <= nlist:
+    if not is_int(nprobe) or not 1 <= nprobe <= nlist:
         raise ValidationError("nprobe", nprobe, f"an integer in [1, nlist={nlist}]")
     return int(nprobe)
 
@@ -53,7 +84,7 @@ def check_nprobe(nprobe: object, nlist: int) -> int:
 def check_max_codes(max_codes: object) -> int | None:
     if max_codes is None:
         return None
-    if not _is_int(max_codes) or max_codes < 1:
+    if not is_int(max_codes) or max_codes < 1:
         raise ValidationError("max_codes", max_codes, "a positive integer or None (no limit)")
     return int(max_codes)
 

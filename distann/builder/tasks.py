@@ -19,12 +19,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from distann.build.plan import ChunkTask, ShardTask, chunk_rows_for_codes, list_order
+from distann.builder.plan import ShardTask, chunk_rows_for_codes, list_order
+from distann.chunks import ChunkTask
 from distann.codecs import make_codec
+from distann.codecs.metric import for_metric
 from distann.store.arrays import checksum, write_array
 from distann.store.location import Location
 from distann.train.kmeans import nearest
-from distann.train.sampling import normalize_rows
 
 
 class InjectedFault(RuntimeError):
@@ -59,9 +60,7 @@ def add_chunk(ctx: AddContext, chunk: ChunkTask, source, ids_source, centroids: 
     if ctx.loc.exists(f"{base}/DONE"):
         offsets = np.frombuffer(ctx.loc.read_bytes(f"{base}/offsets.bin"), dtype="<i8")
         return np.diff(offsets), True
-    x = source.read_rows(chunk.start, chunk.stop)
-    if ctx.metric == "cosine":
-        x = normalize_rows(x)
+    x = for_metric(source.read_rows(chunk.start, chunk.stop), ctx.metric)
     ids = (np.arange(chunk.start, chunk.stop, dtype=np.int64) if ids_source is None
            else ids_source.read(chunk.start, chunk.stop))
     assign = nearest(x, centroids, spherical=ctx.metric != "l2")

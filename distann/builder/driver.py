@@ -25,19 +25,20 @@ from datetime import datetime, timezone
 import numpy as np
 
 from distann import config
-from distann._progress import wait_all
-from distann.build.plan import ChunkTask, build_key, plan_chunks, plan_shards
-from distann.build.tasks import AddContext, add_chunk, first_duplicate, merge_shard, scan_ids, split_sorted
-from distann.cluster import check_cluster_args, client_context
-from distann.codecs import check_metric, make_codec, parse_spec
+from distann.builder.plan import build_key, plan_shards
+from distann.chunks import ChunkTask, plan_chunks
+from distann.builder.tasks import AddContext, add_chunk, first_duplicate, merge_shard, scan_ids, split_sorted
+from distann.cluster import check_cluster_args, client_context, tree_reduce, wait_all
+from distann.codecs import make_codec, parse_spec
 from distann.errors import BuildConflictError, IndexExistsError, IndexFormatError, ValidationError
 from distann.store.arrays import CheckedStore, StoredArray, checksum, write_small
 from distann.store.lease import LEASE_DIR, GenerationLease, remove_older
 from distann.store.location import Location
 from distann.store.manifest import (FORMAT_VERSION, MANIFEST_PATH, Manifest, ShardEntry, manifest_exists,
                                     read_manifest, write_manifest)
-from distann.train.api import check_positive_int, check_train_params, collect_sample
-from distann.train.kmeans import tree_reduce, train_on_blocks
+from distann.train.api import check_train_params, collect_sample
+from distann.train.kmeans import train_on_blocks
+from distann.validation import check_metric, check_positive_int
 
 log = logging.getLogger(__name__)
 
