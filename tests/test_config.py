@@ -228,11 +228,11 @@ def refreshed_env(monkeypatch):
 
 
 def test_tunable_environment_override(refreshed_env):
-    refreshed_env.setenv("DASK_DISTANN__BUILD__CHUNK_ROWS", "65536")
+    refreshed_env.setenv("DASK_DISTANN__BUILD__CHUNK_ROWS", "32768")  # not the default: the override must show
     refreshed_env.setenv("DASK_DISTANN__SEARCH__CACHE_BYTES", "1073741824")
     refreshed_env.setenv("DASK_DISTANN__KERNELS__BACKEND", "numpy")
     dask.config.refresh()
-    assert config.get("build.chunk-rows") == 65536
+    assert config.get("build.chunk-rows") == 32768
     assert config.get("search.cache-bytes") == 2**30
     assert config.get("kernels.backend") == "numpy"
     assert config.get("build.shard-bytes") == 32 * 2**20  # untouched default

@@ -25,7 +25,10 @@ def test_plan_shards_balances_bytes_and_covers_lists():
         assert a.list_stop == b.list_start
     assert sum(s.ntotal for s in shards) == sizes.sum()
     assert [s.ntotal for s in shards] == [sizes[s.list_start:s.list_stop].sum() for s in shards]
-    # the 100-vector list closes its shard at once: no shard holds two lists past the target
+    # a shard closes as soon as it reaches the target: without its last list it is below it
+    # (so no shard holds two lists past the target), and the 100-vector list closes its shard
+    for s in shards[:-1]:
+        assert sizes[s.list_start:s.list_stop - 1].sum() * 16 < 16 * 60 <= sizes[s.list_start:s.list_stop].sum() * 16
     assert any(s.list_stop == 3 for s in shards)
 
 

@@ -125,6 +125,7 @@ def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2"
                 if ids_src is not None:
                     _check_ids(c, ids_src, chunks, progress)
                 timings["scan_s"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
                 if not resumed:
                     _start_generation(loc, gen, key)
                 km = train_on_blocks(c, blocks, sizes, ispec.nlist, niter=niter, spherical=metric != "l2",

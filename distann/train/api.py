@@ -12,8 +12,8 @@ from distann.chunks import plan_chunks
 from distann.cluster import client_context, wait_all
 from distann.errors import ValidationError
 from distann.train.kmeans import KMeansResult, train_on_blocks
-from distann.validation import INITS, check_choice, check_metric, check_positive_int
-from distann.train.sampling import ChunkScan, raise_if_nonfinite, sample_row_ids, scan_chunk
+from distann.validation import INITS, check_choice, check_metric, check_positive_int, is_int
+from distann.train.sampling import ChunkScan, plan_sample, raise_if_nonfinite, scan_chunk
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ def check_train_params(niter: object, init: object, seed: object, max_points_per
     check_positive_int("niter", niter)
     check_positive_int("max_points_per_centroid", max_points_per_centroid)
     check_choice("init", init, INITS)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+    if not is_int(seed):
         raise ValidationError("seed", seed, "an integer")
 
 
@@ -35,13 +35,12 @@ def collect_sample(client, source, chunks, n_sample: int, seed: int, normalize: 
     Returns (sample block futures, block sizes, per-chunk scans). Raises ValidationError on
     NaN/Inf before anything is written.
     """
-    rows = sample_row_ids(source.n, n_sample, seed)
-    rows_f = client.scatter(rows, broadcast=True)
-    futs = [client.submit(scan_chunk, source, c.start, c.stop, rows_f, normalize, pure=False) for c in chunks]
+    sizes = plan_sample(np.array([c.size for c in chunks], dtype=np.int64), n_sample, seed)
+    futs = [client.submit(scan_chunk, source, c, int(size), seed, normalize, pure=False)
+            for c, size in zip(chunks, sizes)]
     # only the small per-chunk scans travel to the client; the sample stays on the workers
     scans = wait_all([client.submit(operator.getitem, f, 0, pure=False) for f in futs], "scan", progress)
     raise_if_nonfinite(scans)
-    sizes = np.array([np.count_nonzero((rows >= c.start) & (rows < c.stop)) for c in chunks], dtype=np.int64)
     # consecutive chunk samples are concatenated into blocks of about _SAMPLE_BLOCK rows: few,
     # large tasks per Lloyd iteration, and a grouping that does not depend on the cluster
     blocks, block_sizes, group, acc = [], [], [], 0

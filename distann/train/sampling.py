@@ -1,8 +1,9 @@
 """The first pass over a source: a finiteness check and an unbiased training sample, fused.
 
 One task per row chunk reads its rows once, counts non-finite values (so a NaN anywhere is
-reported before anything is trained or written) and keeps the rows of a seeded uniform
-sample that fall in the chunk. The sample blocks stay on the workers as futures: the
+reported before anything is trained or written) and keeps its share of a seeded uniform
+sample: the client draws how many rows each chunk gives (a multivariate hypergeometric split,
+O(chunks)), and each task draws which of its rows. The sample blocks stay on the workers as futures: the
 training sample never has to fit on the client.
 """
 
@@ -16,12 +17,25 @@ from distann.codecs.metric import normalize_rows
 from distann.errors import ValidationError
 
 
-def sample_row_ids(n: int, n_sample: int, seed: int) -> np.ndarray:
-    """Sorted global row numbers of an unbiased sample of ``n_sample`` of ``n`` rows (all rows if n <= n_sample)."""
-    if n_sample >= n:
-        return np.arange(n, dtype=np.int64)
+def plan_sample(sizes: np.ndarray, n_sample: int, seed: int) -> np.ndarray:
+    """How many sample rows each chunk contributes to a uniform sample of ``n_sample`` rows
+    without replacement (all rows when the chunks hold no more): a multivariate hypergeometric
+    draw over the chunk sizes. O(chunks) on the client, whatever the sample size."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    if n_sample >= sizes.sum():
+        return sizes.copy()
     rng = np.random.default_rng([seed, 0x5A4D])
-    return np.sort(rng.choice(n, size=n_sample, replace=False).astype(np.int64))
+    return rng.multivariate_hypergeometric(sizes, n_sample, method="marginals").astype(np.int64)
+
+
+def chunk_sample_rows(size: int, count: int, seed: int, chunk_index: int) -> np.ndarray:
+    """The ``count`` rows (sorted, local to the chunk) that chunk ``chunk_index`` of ``size``
+    rows gives to the sample: uniform without replacement, seeded per chunk. With the counts of
+    :func:`plan_sample` the union over chunks is a uniform sample of the whole source."""
+    if count >= size:
+        return np.arange(size, dtype=np.int64)
+    rng = np.random.default_rng([seed, 0x5A4D, chunk_index])
+    return np.sort(rng.choice(size, size=count, replace=False).astype(np.int64))
 
 
 @dataclass(frozen=True)
@@ -33,20 +47,20 @@ class ChunkScan:
     first_bad_row: int    # global row of the first non-finite value, -1 if none
 
 
-def scan_chunk(source, start: int, stop: int, sample_rows: np.ndarray, normalize: bool):
-    """Read rows [start, stop): return (ChunkScan, sample block of the rows in ``sample_rows``).
+def scan_chunk(source, chunk, count: int, seed: int, normalize: bool):
+    """Read the rows of ``chunk``: return (ChunkScan, its ``count`` sample rows).
 
-    Peak memory: one chunk of float32 rows plus its sample rows.
+    The task finds its own sample rows (:func:`chunk_sample_rows`): nothing of size O(sample)
+    is shipped to it. Peak memory: one chunk of float32 rows plus its sample rows.
     """
-    x = source.read_rows(start, stop)
+    x = source.read_rows(chunk.start, chunk.stop)
     bad = ~np.isfinite(x)
     nbad = int(bad.sum())
-    first = int(start + np.flatnonzero(bad.any(axis=1))[0]) if nbad else -1
-    local = sample_rows[(sample_rows >= start) & (sample_rows < stop)] - start
-    block = np.ascontiguousarray(x[local])
+    first = int(chunk.start + np.flatnonzero(bad.any(axis=1))[0]) if nbad else -1
+    block = np.ascontiguousarray(x[chunk_sample_rows(chunk.size, count, seed, chunk.index)])
     if normalize and nbad == 0:
         block = normalize_rows(block)
-    return ChunkScan(start, nbad, first), block
+    return ChunkScan(chunk.start, nbad, first), block
 
 
 def raise_if_nonfinite(scans: list[ChunkScan], param: str = "source") -> None:

@@ -7,8 +7,8 @@ How the work is done
 --------------------
 * Inner products come from a register-blocked micro-kernel written in Numba
   (``_kernel_6x2``: 6 query rows x 2 database rows per step, LLVM vectorizing the reduction
-  over d). About 55 GFLOP/s per core on this machine's shapes (d = 64), close to OpenBLAS
-  sgemm on the same skinny blocks, but it needs no SciPy, cannot oversubscribe the cores with
+  over d). On the skinny blocks of a list scan it runs close to OpenBLAS sgemm
+  (``jobs/bench_search.py`` reports the scan's GFLOP/s against this machine's SGEMM), but it needs no SciPy, cannot oversubscribe the cores with
   BLAS threads, and computes every (query, vector) entry with the same instruction sequence
   wherever it sits in a block, so duplicate vectors get bit-identical distances and their ties
   are broken by id deterministically.
