@@ -24,6 +24,22 @@ Conventions shared by all kernels
   on large, offset data (Faiss FAQ).
 * ``valid`` is a uint8 mask over the N concatenated vectors (1: may be returned) or an empty
   array meaning "all valid"; it implements id filtering.
+
+Compressed lists
+----------------
+``scan_lists_sq`` and ``scan_lists_pq`` take the lists' codes *as stored* instead of float32
+vectors, and return exactly what ``scan_lists`` returns on the reconstructed vectors (up to
+float rounding): the reconstruction is part of the kernel, list by list, so a batch never holds
+its probed lists decoded.
+
+* Scalar quantizer (``sq_kind``): 0 = 8 bits, ``codes`` uint8 (N, d), component t of a code
+  reconstructs to ``vmin[t] + (code + 0.5) / 255 * vdiff[t]`` (Faiss ``QT_8bit``); 1 = fp16,
+  ``codes`` uint16 (N, d) holding IEEE half-precision bit patterns (``vmin``/``vdiff`` unused).
+* Product quantizer: ``codes`` uint8 (N, M), ``codebooks`` float32 (M, K, dsub) with K <= 256
+  and M * dsub = d; sub-vector m of a code reconstructs to ``codebooks[m, code[m]]``.
+* ``by_residual``: the reconstruction is the residual to the list's coarse centroid
+  (``centers[j]``); the vector is ``centers[j] + reconstruction`` (Faiss ``by_residual``).
+  Otherwise the reconstruction is the vector itself.
 """
 
 from __future__ import annotations
@@ -69,6 +85,20 @@ class KernelBackend(Protocol):
         or similarity > radius (ip). Returns ``(lims, D, I)`` in the Faiss convention
         (results of query i are ``D[lims[i]:lims[i+1]]``), each query's results sorted best
         first (ties by smaller id)."""
+
+    def scan_lists_sq(self, xq: np.ndarray, codes: np.ndarray, ids: np.ndarray, list_offsets: np.ndarray,
+                      centers: np.ndarray, sq_kind: int, vmin: np.ndarray, vdiff: np.ndarray, by_residual: bool,
+                      group_offsets: np.ndarray, group_queries: np.ndarray, group_slots: np.ndarray,
+                      group_limits: np.ndarray, valid: np.ndarray, nprobe: int, k: int,
+                      metric: str) -> tuple[np.ndarray, np.ndarray]:
+        """``scan_lists`` on scalar-quantized lists (see "Compressed lists")."""
+
+    def scan_lists_pq(self, xq: np.ndarray, codes: np.ndarray, ids: np.ndarray, list_offsets: np.ndarray,
+                      centers: np.ndarray, codebooks: np.ndarray, by_residual: bool, group_offsets: np.ndarray,
+                      group_queries: np.ndarray, group_slots: np.ndarray, group_limits: np.ndarray,
+                      valid: np.ndarray, nprobe: int, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+        """``scan_lists`` on product-quantized lists by asymmetric distance computation: a lookup
+        table per (query, list) pair, then M table lookups per code (see "Compressed lists")."""
 
     def exact_knn(self, xq: np.ndarray, xb: np.ndarray, ids: np.ndarray, k: int,
                   metric: str) -> tuple[np.ndarray, np.ndarray]:
