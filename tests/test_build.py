@@ -37,7 +37,8 @@ def test_every_vector_in_exactly_one_list_at_its_nearest_centroid(built, data):
     xb, _ = data
     index = built["l2"]
     assert (index.ntotal, index.d, index.nlist, index.metric, index.spec) == (N, D, NLIST, "l2", f"IVF{NLIST},Flat")
-    stored, ids, offsets = index.lists.load_all()
+    block = index.lists.load_all()
+    stored, ids, offsets = block.codes, block.ids, block.offsets
     assert np.array_equal(np.sort(ids), np.arange(N))                      # each id exactly once
     np.testing.assert_array_equal(stored, xb[ids])                          # Flat codes are the vectors
     lists = np.repeat(np.arange(NLIST), np.diff(offsets))
@@ -147,7 +148,8 @@ def test_ids_array_of_the_zarr_group_itself(client, data, tmp_path):
 def _index_arrays(url):
     """Every array the manifest names, by role (paths differ between generations)."""
     index = distann.open_index(url)
-    xb, ids, offsets = index.lists.load_all()
+    block = index.lists.load_all()
+    xb, ids, offsets = block.codes, block.ids, block.offsets
     return {"centroids": index.centroids, "list_sizes": index.list_sizes, "xb": xb, "ids": ids,
             "shards": [(s.list_start, s.list_stop, s.ntotal, s.checksum) for s in index.manifest.shards]}
 

@@ -77,7 +77,7 @@ BAD_VALUES = [
     ("build", "metric", "hamming"),
     ("build", "spec", "ivf1024,flat"),
     ("build", "spec", "IVF0,Flat"),
-    ("build", "spec", "IVF1024,PQ8"),
+    ("build", "spec", "IVF1024,PQ8x12"),
     ("build", "spec", "IVF-3,Flat"),
     ("build", "spec", 1024),
     ("build", "niter", 0),

@@ -62,7 +62,7 @@ def test_bad_source_arrays(committed, source, match):
 
 
 @pytest.mark.parametrize("kw, match", [
-    ({"spec": "IVF8,PQ4"}, r"spec: received 'IVF8,PQ4'"),
+    ({"spec": "IVF8,SQ4"}, r"spec: received 'IVF8,SQ4'; unsupported quantizer 'SQ4'"),
     ({"spec": "HNSW32"}, r"spec: received 'HNSW32'"),
     ({"spec": "IVF0,Flat"}, r"spec: received 'IVF0,Flat'"),
     ({"spec": f"IVF{N + 1},Flat"}, r"spec.*nlist \(3001\) must be at most the number of training vectors \(3000\)"),

@@ -33,4 +33,4 @@ def test_killed_build_leaves_old_index_and_resumes(tmp_path):
                    check=True, timeout=300)
     new = distann.open_index(url)
     assert new.nlist == 16 and new.manifest.build["resumed_chunks"] >= 3
-    assert np.array_equal(np.sort(new.lists.load_all()[1]), np.arange(60_000))
+    assert np.array_equal(np.sort(new.lists.load_all().ids), np.arange(60_000))

@@ -113,7 +113,7 @@ def test_two_concurrent_builds_one_wins_and_the_index_stays_readable(tmp_path):
     winner_spec = ("IVF64,Flat", "IVF32,Flat")[[code for code, _ in results].index(0)]
     assert index.spec == winner_spec and index.manifest.generation == 2
     index.verify()
-    assert np.array_equal(np.sort(index.lists.load_all()[1]), np.arange(30_000))
+    assert np.array_equal(np.sort(index.lists.load_all().ids), np.arange(30_000))
     assert sorted(os.listdir(url)) == ["g000002", "leases", "manifest.json", "zarr.json"]
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from distann.builder.plan import build_key, chunk_rows_for_codes, list_order, plan_shards
+from distann.builder.plan import build_key, list_order, plan_shards
+from distann.store.shards import chunk_rows_for_codes
 from distann.chunks import plan_chunks
 from distann.search.plan import expand_to_all_lists, plan_probes
 

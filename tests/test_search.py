@@ -119,7 +119,8 @@ def test_max_codes_limits_the_scan(indexes, data):
     D, I = index.search(xq[:1], k=budget + 10, nprobe=4, max_codes=budget)
     got = I[0][I[0] >= 0]
     assert len(got) == budget                            # exactly the budget was scanned
-    xs, ids, offsets = index.lists.load_all()
+    block = index.lists.load_all()
+    xs, ids, offsets = block.codes, block.ids, block.offsets
     members = ids[offsets[first]:offsets[first + 1]]
     assert set(got) <= set(members[:budget].tolist())    # the leading vectors of the best list
 

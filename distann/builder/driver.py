@@ -18,31 +18,33 @@ from __future__ import annotations
 import logging
 import operator
 import os
-import re
 import time
+import warnings
 from datetime import datetime, timezone
 
 import numpy as np
 
 from distann import config
 from distann.builder.plan import build_key, plan_shards
-from distann.chunks import ChunkTask, plan_chunks
 from distann.builder.tasks import AddContext, add_chunk, first_duplicate, merge_shard, scan_ids, split_sorted
+from distann.chunks import ChunkTask, plan_chunks
 from distann.cluster import check_cluster_args, client_context, tree_reduce, wait_all
-from distann.codecs import make_codec, parse_spec
+from distann.codecs.pipeline import CodecPipeline
+from distann.codecs.pq import PQQuantizer
+from distann.codecs.spec import parse_spec
 from distann.errors import BuildConflictError, IndexExistsError, IndexFormatError, ValidationError
+from distann.store import layout
 from distann.store.arrays import CheckedStore, StoredArray, checksum, write_small
 from distann.store.lease import LEASE_DIR, GenerationLease, remove_older
 from distann.store.location import Location
 from distann.store.manifest import (FORMAT_VERSION, MANIFEST_PATH, Manifest, ShardEntry, manifest_exists,
                                     read_manifest, write_manifest)
 from distann.train.api import check_train_params, collect_sample
-from distann.train.kmeans import train_on_blocks
+from distann.train.codec import sample_size, train_pipeline
+from distann.train.kmeans import MIN_POINTS_PER_CENTROID, TrainingWarning
 from distann.validation import check_metric, check_positive_int
 
 log = logging.getLogger(__name__)
-
-_GENERATION = re.compile(r"g\d{6}")
 
 
 def _add_counts(a, b):
@@ -92,16 +94,20 @@ def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2"
     loc = Location(index_url, dict(storage_options or {}))
     _check_destination(loc, overwrite)
     committed = _committed_generation(loc, overwrite)
-    codec = make_codec(ispec.codec, src.d)
+    codec = CodecPipeline.create(ispec, src.d, metric, seed)
+    n_sample = sample_size(codec, src.n, ispec.nlist, max_points_per_centroid)
+    _check_training_size(codec, n_sample)
     key = build_key(source=src.fingerprint, ids=getattr(ids_src, "fingerprint", None), spec=str(ispec),
                     metric=metric, niter=niter, seed=seed, init=init, mppc=max_points_per_centroid,
                     chunk_rows=chunk_rows, shard_bytes=shard_bytes, format=FORMAT_VERSION)
-    gen = f"g{committed + 1:06d}"
-    if loc.list_dir(gen) and not loc.exists(f"{gen}/BUILD.json"):
+    gen = layout.generation(committed + 1)
+    if loc.list_dir(gen) and not loc.exists(layout.build_marker(gen)):
         raise IndexExistsError(f"{loc.url}: {gen}/ holds files distann did not write; move them away "
                                "(distann never deletes files it did not write)")
     chunks = plan_chunks(src.n, chunk_rows)
-    ctx = AddContext(loc, gen, ispec.nlist, metric, ispec.codec, src.d)
+    q = codec.quantizer
+    ctx = AddContext(loc, gen, ispec.nlist, metric != "l2", q.code_dtype.str, q.code_width,
+                     src.d if codec.refine else 0)
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     with GenerationLease.acquire(loc, committed + 1, config.get("build.lease-seconds"),
@@ -112,15 +118,14 @@ def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2"
         with client_context(workers=workers, scheduler=scheduler, client=client) as c:
             _check_reachable(c, loc, src, ids_src, lease.path)
             resumed = _resumable(loc, gen, key)
-            # ---- train (or reuse the centroids of an interrupted run of the same build)
+            # ---- train (or reuse the quantizer and codec of an interrupted run of the same build)
             t0 = time.perf_counter()
-            if resumed and loc.exists(f"{gen}/quantizer/DONE"):
-                centroids = StoredArray(CheckedStore(loc.zarr_store(read_only=True), loc.url),
-                                        f"{gen}/quantizer/centroids").read()
-                objective = loc.read_json(f"{gen}/quantizer/DONE")["objective"]
-                log.info("resuming build %s: reusing trained centroids", key)
+            if resumed and loc.exists(layout.trained_marker(gen)):
+                trained = _load_trained(loc, gen)
+                codec, centroids = trained["codec"], trained["centroids"]
+                objective, mse = trained["objective"], trained["mse"]
+                log.info("resuming build %s: reusing the trained quantizer and codec", key)
             else:
-                n_sample = min(src.n, max_points_per_centroid * ispec.nlist)
                 blocks, sizes, _ = collect_sample(c, src, chunks, n_sample, seed, metric == "cosine", progress)
                 if ids_src is not None:
                     _check_ids(c, ids_src, chunks, progress)
@@ -128,17 +133,17 @@ def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2"
                 t0 = time.perf_counter()
                 if not resumed:
                     _start_generation(loc, gen, key)
-                km = train_on_blocks(c, blocks, sizes, ispec.nlist, niter=niter, spherical=metric != "l2",
-                                     init=init, seed=seed, progress=progress)
+                km, mse = train_pipeline(c, codec, blocks, sizes, ispec.nlist, niter=niter, init=init, seed=seed,
+                                         progress=progress)
                 del blocks
                 centroids, objective = km.centroids, km.objective
-                write_small(loc.zarr_store(), f"{gen}/quantizer/centroids", centroids)
-                loc.write_json(f"{gen}/quantizer/DONE", {"objective": objective})
+                _save_trained(loc, gen, codec, centroids, objective, mse)
             timings["train_s"] = time.perf_counter() - t0
             # ---- add: shard over ids
             t0 = time.perf_counter()
             cf = c.scatter(centroids, broadcast=True)
-            adds = [c.submit(add_chunk, ctx, ch, src, ids_src, cf, pure=False) for ch in chunks]
+            pf = c.scatter(codec, broadcast=True)
+            adds = [c.submit(add_chunk, ctx, ch, src, ids_src, cf, pf, pure=False) for ch in chunks]
             wait_all(adds, "add", progress, gather=False)  # per-chunk counts are reduced on the workers
             list_sizes, skipped_chunks = tree_reduce(
                 c, [c.submit(_as_pair, f, pure=False) for f in adds], _add_counts).result()
@@ -146,28 +151,32 @@ def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2"
             timings["add_s"] = time.perf_counter() - t0
             # ---- merge: shard over lists
             t0 = time.perf_counter()
-            shards = plan_shards(list_sizes, codec.code_size, shard_bytes)
+            shards = plan_shards(list_sizes, q.code_size + 4 * ctx.raw_d, shard_bytes)
             merged = wait_all([c.submit(merge_shard, ctx, sh, chunks, pure=False) for sh in shards], "merge", progress)
             timings["merge_s"] = time.perf_counter() - t0
         # ---- commit
-        checksums = {f"{gen}/quantizer/centroids": checksum([centroids]),
-                     f"{gen}/quantizer/list_sizes": write_small(loc.zarr_store(), f"{gen}/quantizer/list_sizes",
-                                                                list_sizes.astype(np.int64))}
+        checksums = _codec_checksums(gen, codec)
+        checksums[layout.centroids(gen)] = checksum([centroids])
+        checksums[layout.list_sizes(gen)] = write_small(loc.zarr_store(), layout.list_sizes(gen),
+                                                        list_sizes.astype(np.int64))
         entries = []
         for sh, (ntotal, crc, _) in zip(shards, merged):
             if ntotal != sh.ntotal:
                 raise IndexFormatError(f"{loc.url}: shard {sh.name} has {ntotal} vectors, planned {sh.ntotal}")
-            entries.append(ShardEntry(sh.name, f"{gen}/shards/{sh.name}", sh.list_start, sh.list_stop, ntotal, crc))
+            entries.append(ShardEntry(sh.name, layout.shard(gen, sh.name), sh.list_start, sh.list_stop, ntotal, crc))
+        codec_section = {**codec.params(), "mse": mse,
+                         "arrays": {name: layout.codec_array(gen, name) for name in codec.arrays()}}
         manifest = Manifest(
             generation=committed + 1, build_key=key, spec=str(ispec), metric=metric, d=src.d, nlist=ispec.nlist,
-            ntotal=int(src.n), codec=codec.params(), centroids=f"{gen}/quantizer/centroids",
-            list_sizes=f"{gen}/quantizer/list_sizes", shards=tuple(entries), checksums=checksums,
+            ntotal=int(src.n), codec=codec_section, centroids=layout.centroids(gen),
+            list_sizes=layout.list_sizes(gen), shards=tuple(entries), checksums=checksums,
             build={"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "source": src.url,
                    "source_fingerprint": src.fingerprint, "ids": getattr(ids_src, "url", None),
                    "ids_column": getattr(ids_src, "column", None),
                    "niter": niter, "seed": seed, "init": init, "max_points_per_centroid": max_points_per_centroid,
-                   "chunk_rows": chunk_rows, "shard_bytes": shard_bytes, "objective": objective,
-                   "resumed_chunks": int(skipped_chunks), "resumed_shards": int(sum(m[2] for m in merged)),
+                   "n_sample": n_sample, "chunk_rows": chunk_rows, "shard_bytes": shard_bytes,
+                   "objective": objective, "resumed_chunks": int(skipped_chunks),
+                   "resumed_shards": int(sum(m[2] for m in merged)),
                    "timings": {k: round(v, 3) for k, v in timings.items()}})
         lease.check()
         write_manifest(loc, manifest)
@@ -196,6 +205,45 @@ def _ids_source(ids, ids_column: str | None, src, storage_options: dict | None):
         if exc.param != "column":
             raise
         raise ValidationError("ids_column", exc.received, exc.allowed) from None
+
+
+def _check_training_size(codec: CodecPipeline, n_sample: int) -> None:
+    """Enough training vectors for the codec: 2^bits per PQ sub-space (and OPQ's 256)."""
+    need = 0
+    if isinstance(codec.quantizer, PQQuantizer):
+        need = codec.quantizer.ksub
+    if any(t.kind == "OPQ" for t in codec.transforms):
+        need = max(need, 256)
+    if n_sample < need:
+        raise ValidationError("spec", str(codec.spec), f"at least {need} training vectors (the {need} centroids "
+                                                       f"of each sub-space need as many points); the source has "
+                                                       f"{n_sample}")
+    if n_sample < MIN_POINTS_PER_CENTROID * need:
+        warnings.warn(f"{codec.spec}: {n_sample} training vectors for {need} centroids per sub-space is fewer than "
+                      f"{MIN_POINTS_PER_CENTROID} per centroid; the codebooks may be poor", TrainingWarning,
+                      stacklevel=3)
+
+
+def _save_trained(loc: Location, gen: str, codec: CodecPipeline, centroids: np.ndarray, objective: list,
+                  mse: float) -> None:
+    """The trained coarse quantizer and codec, then their DONE marker (the resume point)."""
+    store = loc.zarr_store()
+    write_small(store, layout.centroids(gen), centroids)
+    for name, array in codec.arrays().items():
+        write_small(store, layout.codec_array(gen, name), array)
+    loc.write_json(layout.trained_marker(gen), {"objective": objective, "mse": mse, "codec": codec.params()})
+
+
+def _load_trained(loc: Location, gen: str) -> dict:
+    store = CheckedStore(loc.zarr_store(read_only=True), loc.url)
+    done = loc.read_json(layout.trained_marker(gen))
+    codec = CodecPipeline.load(done["codec"], lambda name: StoredArray(store, layout.codec_array(gen, name)).read())
+    centroids = StoredArray(store, layout.centroids(gen)).read()
+    return {"codec": codec, "centroids": centroids, "objective": done["objective"], "mse": done["mse"]}
+
+
+def _codec_checksums(gen: str, codec: CodecPipeline) -> dict[str, str]:
+    return {layout.codec_array(gen, name): checksum([np.ascontiguousarray(a)]) for name, a in codec.arrays().items()}
 
 
 def _as_pair(result) -> tuple[np.ndarray, int]:
@@ -237,17 +285,17 @@ def _is_ours(loc: Location, name: str) -> bool:
     """Whether ``name`` at the root of an index folder is something a distann build writes."""
     if name in ("zarr.json", MANIFEST_PATH, LEASE_DIR) or name.startswith(f"{MANIFEST_PATH}.tmp-"):
         return True
-    return bool(_GENERATION.fullmatch(name)) and loc.exists(f"{name}/BUILD.json")
+    return bool(layout.GENERATION.fullmatch(name)) and loc.exists(layout.build_marker(name))
 
 
 def _generations(loc: Location) -> list[str]:
     """The generation folders a distann build wrote at ``loc`` (writers may list; readers never do)."""
-    return [n for n in loc.list_dir("") if _GENERATION.fullmatch(n) and loc.exists(f"{n}/BUILD.json")]
+    return [n for n in loc.list_dir("") if layout.GENERATION.fullmatch(n) and loc.exists(layout.build_marker(n))]
 
 
 def _resumable(loc: Location, gen: str, key: str) -> bool:
     """True when generation ``gen`` holds an interrupted run of the same build."""
-    marker = f"{gen}/BUILD.json"
+    marker = layout.build_marker(gen)
     return loc.exists(marker) and loc.read_json(marker).get("build_key") == key
 
 
@@ -255,14 +303,14 @@ def _start_generation(loc: Location, gen: str, key: str) -> None:
     """Clear what an interrupted, different build left in ``gen`` (checked to be distann's
     before the lease was taken) and mark it as ours."""
     loc.remove(gen)
-    loc.write_json(f"{gen}/BUILD.json",
+    loc.write_json(layout.build_marker(gen),
                    {"build_key": key, "started": datetime.now(timezone.utc).isoformat(timespec="seconds")})
 
 
 def _cleanup(loc: Location, gen: str) -> None:
     """After commit: staging and the older generations are garbage. Newer generation folders
     belong to builds started after this commit and are left alone."""
-    loc.remove(f"{gen}/staging")
+    loc.remove(layout.staging(gen))
     for name in _generations(loc):
         if name < gen:
             loc.remove(name)

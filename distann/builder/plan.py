@@ -57,15 +57,6 @@ def list_order(assign: np.ndarray, nlist: int) -> tuple[np.ndarray, np.ndarray]:
     return order, offsets
 
 
-def chunk_rows_for_codes(code_size: int, target_bytes: int = 1 << 20) -> int:
-    """Rows per Zarr chunk of a codes array: a power of two near ``target_bytes`` (>= 256 rows).
-
-    Small chunks let a search read little more than the probed lists.
-    """
-    rows = max(1, target_bytes // max(1, code_size))
-    return max(256, 1 << (int(rows).bit_length() - 1))
-
-
 def build_key(**inputs) -> str:
     """A stable hash of everything that determines the built index (used to resume)."""
     blob = json.dumps(inputs, sort_keys=True, default=str).encode()

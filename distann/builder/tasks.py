@@ -1,15 +1,9 @@
 """Worker-side build tasks. Each writes only its own outputs and ends with a done marker.
 
-Staging (transient, removed at commit) is raw little-endian files per add task::
-
-    <gen>/staging/<chunk>/codes.bin    (n_c, code_width) codes, rows sorted by list
-    <gen>/staging/<chunk>/ids.bin      (n_c,) int64
-    <gen>/staging/<chunk>/offsets.bin  (nlist + 1,) int64: rows of list l are [off[l], off[l+1])
-    <gen>/staging/<chunk>/DONE         JSON, written last
-
-so a merge task reads one contiguous byte range of every staging output. A rerun finds the
-DONE marker and skips the task: tasks are idempotent, which Dask requires (it may run a task
-twice).
+An add task (shard over ids) encodes one row chunk and writes its staging output
+(``store.staging``); a merge task (shard over lists) assembles one list-range shard from a
+contiguous slice of every staging output (``store.shards``). A rerun finds the DONE marker and
+skips the task: tasks are idempotent, which Dask requires (it may run a task twice).
 """
 
 from __future__ import annotations
@@ -19,12 +13,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from distann.builder.plan import ShardTask, chunk_rows_for_codes, list_order
+from distann.builder.plan import ShardTask, list_order
 from distann.chunks import ChunkTask
-from distann.codecs import make_codec
-from distann.codecs.metric import for_metric
-from distann.store.arrays import checksum, write_array
+from distann.codecs.pipeline import CodecPipeline
+from distann.store import layout
 from distann.store.location import Location
+from distann.store.shards import write_shard
+from distann.store.staging import Staging
 from distann.train.kmeans import nearest
 
 
@@ -41,43 +36,38 @@ def _maybe_fail(stage: str, name: str) -> None:
 
 @dataclass(frozen=True)
 class AddContext:
-    """What every add task needs, shipped once per task (centroids go separately as a future)."""
+    """What every add and merge task needs (centroids and the codec go separately, scattered once)."""
 
     loc: Location
     gen: str
     nlist: int
-    metric: str
-    codec: str
-    d: int
+    spherical: bool
+    code_dtype: str
+    code_width: int
+    raw_d: int  # dimension of the raw vectors kept for RFlat, 0 without
 
 
-def add_chunk(ctx: AddContext, chunk: ChunkTask, source, ids_source, centroids: np.ndarray) -> tuple[np.ndarray, bool]:
-    """Shard over ids: assign, encode, sort by list and stage one row chunk.
+def add_chunk(ctx: AddContext, chunk: ChunkTask, source, ids_source, centroids: np.ndarray,
+              codec: CodecPipeline) -> tuple[np.ndarray, bool]:
+    """Shard over ids: transform, assign, encode, sort by list and stage one row chunk.
 
-    Returns (per-list counts, skipped). Peak memory: about three copies of the chunk.
+    Returns (per-list counts, skipped). Peak memory: about three copies of the chunk (four
+    with RFlat's raw vectors).
     """
-    base = f"{ctx.gen}/staging/{chunk.name}"
-    if ctx.loc.exists(f"{base}/DONE"):
-        offsets = np.frombuffer(ctx.loc.read_bytes(f"{base}/offsets.bin"), dtype="<i8")
-        return np.diff(offsets), True
-    x = for_metric(source.read_rows(chunk.start, chunk.stop), ctx.metric)
+    staging = Staging(ctx.loc, ctx.gen, chunk.name)
+    if staging.done():
+        return np.diff(staging.offsets()), True
+    x_raw = codec.raw(source.read_rows(chunk.start, chunk.stop))
+    y = codec.transform(x_raw)
     ids = (np.arange(chunk.start, chunk.stop, dtype=np.int64) if ids_source is None
            else ids_source.read(chunk.start, chunk.stop))
-    assign = nearest(x, centroids, spherical=ctx.metric != "l2")
+    assign = nearest(y, centroids, spherical=ctx.spherical)
     order, offsets = list_order(assign, ctx.nlist)
-    codes = make_codec(ctx.codec, ctx.d).encode(x[order])
-    del x
-    ctx.loc.write_bytes(f"{base}/codes.bin", _le(codes).data)
-    _maybe_fail("add", chunk.name)
-    ctx.loc.write_bytes(f"{base}/ids.bin", _le(ids[order]).data)
-    ctx.loc.write_bytes(f"{base}/offsets.bin", _le(offsets).data)
-    ctx.loc.write_json(f"{base}/DONE", {"rows": chunk.size})
+    codes = codec.encode(y[order], assign[order], centroids)
+    del y
+    raw = x_raw[order] if ctx.raw_d else None
+    staging.write(codes, ids[order], offsets, raw, after_codes=lambda: _maybe_fail("add", chunk.name))
     return np.diff(offsets), False
-
-
-def _le(a: np.ndarray) -> np.ndarray:
-    """C-contiguous little-endian view (a copy only on big-endian machines)."""
-    return np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
 
 
 def merge_shard(ctx: AddContext, shard: ShardTask, chunks: tuple[ChunkTask, ...]) -> tuple[int, str, bool]:
@@ -87,48 +77,42 @@ def merge_shard(ctx: AddContext, shard: ShardTask, chunks: tuple[ChunkTask, ...]
     (list-major; within a list, rows keep chunk order, so ids stay ascending for default ids).
     Returns (ntotal, checksum, skipped). Peak memory: about twice the shard's bytes.
     """
-    base = f"{ctx.gen}/shards/{shard.name}"
+    base = layout.shard(ctx.gen, shard.name)
     if ctx.loc.exists(f"{base}/DONE"):
         done = ctx.loc.read_json(f"{base}/DONE")
         return done["ntotal"], done["checksum"], True
-    codec = make_codec(ctx.codec, ctx.d)
-    width, dtype = codec.code_width, codec.code_dtype.newbyteorder("<")
+    dtype = np.dtype(ctx.code_dtype).newbyteorder("<")
     l0, l1 = shard.list_start, shard.list_stop
     # pass 1: every staging output's per-list offsets inside the shard's list range (small)
     spans = []
     for chunk in chunks:
-        cb = f"{ctx.gen}/staging/{chunk.name}"
-        offs = np.frombuffer(ctx.loc.read_bytes(f"{cb}/offsets.bin", l0 * 8, (l1 + 1) * 8), dtype="<i8")
+        staging = Staging(ctx.loc, ctx.gen, chunk.name)
+        offs = staging.offsets(l0, l1)
         if offs[-1] > offs[0]:
-            spans.append((cb, offs))
+            spans.append((staging, offs))
     counts = np.array([np.diff(o) for _, o in spans], dtype=np.int64).reshape(len(spans), l1 - l0)
     offsets = np.zeros(l1 - l0 + 1, dtype=np.int64)
     np.cumsum(counts.sum(axis=0), out=offsets[1:])
     # pass 2: read one contiguous slice per staging output, copy each list's rows to its place
     # (within a list, chunk order), so the shard is assembled with a single copy
     n = int(offsets[-1])
-    codes = np.empty((n, width), dtype=dtype)
+    codes = np.empty((n, ctx.code_width), dtype=dtype)
     ids = np.empty(n, dtype="<i8")
+    raw = np.empty((n, ctx.raw_d), dtype="<f4") if ctx.raw_d else None
     cursor = offsets[:-1].copy()
-    for cb, offs in spans:
-        r0, r1 = int(offs[0]), int(offs[-1])
-        part = np.frombuffer(ctx.loc.read_bytes(f"{cb}/codes.bin", r0 * codec.code_size, r1 * codec.code_size),
-                             dtype=dtype).reshape(-1, width)
-        pid = np.frombuffer(ctx.loc.read_bytes(f"{cb}/ids.bin", r0 * 8, r1 * 8), dtype="<i8")
-        local = offs - r0
+    for staging, offs in spans:
+        part, pid, praw = staging.rows(int(offs[0]), int(offs[-1]), dtype, ctx.code_width, ctx.raw_d)
+        local = offs - offs[0]
         for j in np.flatnonzero(np.diff(offs)):
             a, b, c = int(local[j]), int(local[j + 1]), int(cursor[j])
             codes[c:c + b - a] = part[a:b]
             ids[c:c + b - a] = pid[a:b]
+            if raw is not None:
+                raw[c:c + b - a] = praw[a:b]
             cursor[j] += b - a
-        del part, pid
-    store = ctx.loc.zarr_store()
-    rows = chunk_rows_for_codes(codec.code_size)
-    write_array(store, f"{base}/offsets", offsets, (max(1, len(offsets)),))
-    write_array(store, f"{base}/ids", ids, (max(1, min(len(ids), rows * 4)),))
-    write_array(store, f"{base}/codes", codes, (max(1, min(len(codes), rows)), width))
+        del part, pid, praw
+    crc = write_shard(ctx.loc.zarr_store(), base, offsets, codes, ids, raw)
     _maybe_fail("merge", shard.name)
-    crc = checksum((offsets, ids, codes))
     ctx.loc.write_json(f"{base}/DONE", {"ntotal": int(len(ids)), "checksum": crc})
     return int(len(ids)), crc, False
 

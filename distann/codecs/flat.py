@@ -1,14 +1,14 @@
-"""Flat codec: vectors stored as float32, bit-exact."""
+"""Flat: vectors stored as float32, bit-exact (no training, no residual)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from distann.codecs.base import Codec
+from distann.codecs.base import Quantizer
 
 
-class FlatCodec(Codec):
-    name = "Flat"
+class FlatQuantizer(Quantizer):
+    kind = "Flat"
 
     @property
     def code_dtype(self) -> np.dtype:

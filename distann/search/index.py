@@ -1,9 +1,9 @@
-"""``Index``: an opened, committed index, and its list-major search.
+"""``Index``: an opened, committed index, and its local list-major search.
 
-Search of a batch: coarse quantization (one GEMM, top-nprobe), then the (query, probe) pairs
-are grouped by list (``search.plan``), each probed list is read once for the whole batch and
-scanned against all of its queries as one block by the kernel backend, and the per-probe
-partial top-k are merged.
+``Index`` is a thin facade over the engine (``search.engine``): it validates the call, cuts the
+queries into batches, prepares each batch (metric transform, pre-transforms, coarse
+quantization, probes grouped by list), reads the probed lists as stored (``search.lists``)
+and hands everything to the engine, which scans with the codec's kernels and merges.
 """
 
 from __future__ import annotations
@@ -16,29 +16,32 @@ from typing import Any
 import numpy as np
 
 from distann import config
-from distann.codecs import make_codec
-from distann.codecs.metric import for_metric, kernel_metric
+from distann.codecs.metric import kernel_metric
+from distann.codecs.pipeline import CodecPipeline
 from distann.errors import IndexFormatError, ValidationError
 from distann.kernels import get_backend
+from distann.search import engine
 from distann.search.lists import ListStore
 from distann.search.plan import ProbePlan, expand_to_all_lists, plan_probes
-from distann.validation import (check_ids_allowed, check_k, check_max_codes, check_nprobe, check_queries,
-                                check_radius, ids_mask)
 from distann.store.arrays import CheckedStore, StoredArray, checksum
 from distann.store.location import Location
 from distann.store.manifest import Manifest, read_manifest
+from distann.validation import (check_ids_allowed, check_k, check_max_codes, check_nprobe, check_positive_int,
+                                check_queries, check_radius, ids_mask)
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class SearchParams:
-    """Defaults used when a search call leaves a parameter out."""
+    """Defaults used when a search call leaves a parameter out (``k_factor``: RFlat re-ranks the
+    best ``k_factor * k`` candidates)."""
 
     k: int = 10
     nprobe: int = 1
     max_codes: int | None = None
     ids_allowed: Any = None
+    k_factor: int = 4
 
 
 def open_index(url: str, *, storage_options: dict | None = None, cache_bytes: int | None = None) -> "Index":
@@ -57,21 +60,32 @@ class Index:
     def __init__(self, loc: Location, manifest: Manifest, *, cache_bytes: int | None = None):
         self.loc = loc
         self.manifest = manifest
-        self.codec = make_codec(manifest.codec["name"], manifest.d)
         if not manifest.stores_every_chunk:
             log.warning("%s: index format version %d does not store all-zero chunks, so a lost chunk file "
                         "reads as zeros; Index.verify() detects it, a rebuild upgrades the format",
                         loc.url, manifest.format_version)
         self.store = CheckedStore(loc.zarr_store(read_only=True), loc.url, strict=manifest.stores_every_chunk)
+        self.codec = self._load_codec()
         self.centroids = np.ascontiguousarray(StoredArray(self.store, manifest.centroids).read(), dtype=np.float32)
         self.list_sizes = StoredArray(self.store, manifest.list_sizes).read().astype(np.int64)
-        if self.centroids.shape != (manifest.nlist, manifest.d) or self.list_sizes.shape != (manifest.nlist,) \
+        if self.centroids.shape != (manifest.nlist, self.codec.d_ivf) or self.list_sizes.shape != (manifest.nlist,) \
                 or int(self.list_sizes.sum()) != manifest.ntotal:
             raise IndexFormatError(f"{loc.url}: quantizer arrays do not match the manifest (corrupt index)")
         if cache_bytes is None:
             cache_bytes = config.get("search.cache-bytes")
-        self.lists = ListStore(self.store, manifest, self.codec, self.list_sizes, cache_bytes)
+        row_bytes = self.codec.code_size + 8 + (4 * self.d if self.codec.refine else 0)
+        self.lists = ListStore(self.store, manifest, self.list_sizes, row_bytes, cache_bytes, raw=self.codec.refine)
         self.defaults = SearchParams()
+
+    def _load_codec(self) -> CodecPipeline:
+        section = self.manifest.codec
+        if "spec" not in section:  # format versions 1 and 2: Flat, no transforms
+            return CodecPipeline.create(self.manifest.spec, self.manifest.d, self.manifest.metric)
+        arrays = section.get("arrays", {})
+        try:
+            return CodecPipeline.load(section, lambda name: StoredArray(self.store, arrays[name]).read())
+        except KeyError as exc:
+            raise IndexFormatError(f"{self.loc.url}: the manifest names no codec array {exc}") from None
 
     # ------------------------------------------------------------------ description
     url = property(lambda self: self.loc.url)
@@ -92,7 +106,8 @@ class Index:
             "url": self.url, "spec": self.spec, "metric": self.metric, "d": self.d, "nlist": self.nlist,
             "ntotal": self.ntotal, "format_version": self.manifest.format_version,
             "generation": self.manifest.generation, "shards": len(self.manifest.shards),
-            "codec": self.manifest.codec, "code_size": self.codec.code_size,
+            "codec": {k: v for k, v in self.manifest.codec.items() if k != "arrays"},
+            "code_size": self.codec.code_size, "bytes_in_memory": self.lists.nbytes,
             "list_sizes": {"min": int(sizes.min()), "max": int(sizes.max()), "mean": float(mean),
                            "empty": int((sizes == 0).sum()),
                            "imbalance": float((sizes.astype(np.float64) ** 2).sum() * len(sizes) / max(1, sizes.sum()) ** 2)},
@@ -100,7 +115,7 @@ class Index:
         }
 
     def set_defaults(self, **params: Any) -> "Index":
-        """Set search defaults (k, nprobe, max_codes, ids_allowed) used when a call omits them."""
+        """Set search defaults (k, nprobe, max_codes, ids_allowed, k_factor) used when a call omits them."""
         unknown = set(params) - set(SearchParams.__dataclass_fields__)
         if unknown:
             raise ValidationError(sorted(unknown)[0], params[sorted(unknown)[0]],
@@ -110,17 +125,18 @@ class Index:
         check_k(merged.k)
         check_nprobe(merged.nprobe, self.nlist)
         check_max_codes(merged.max_codes)
+        check_positive_int("k_factor", merged.k_factor)
         self.defaults = merged
         return self
 
     def load(self) -> "Index":
-        """Load every list into memory once (resident mode): later searches read nothing."""
+        """Load every list into memory once (resident mode, as stored): later searches read nothing."""
         self.lists.load_all()
         return self
 
     def verify(self) -> dict[str, int]:
         """Read every array the manifest names, chunk by chunk, and check each against its
-        checksum: the quantizer and codec arrays, then every shard (offsets, ids, codes).
+        checksum: the quantizer and codec arrays, then every shard (offsets, ids, codes, raw).
 
         Raises IndexFormatError naming the first array or chunk that is missing, truncated or
         altered; returns what was checked: ``{"arrays": ..., "shards": ..., "bytes": ...}``.
@@ -132,16 +148,35 @@ class Index:
             report["arrays"] += 1
             report["bytes"] += data.nbytes
         for s, entry in enumerate(self.manifest.shards):
-            offsets, codes, ids = self.lists.shard_arrays(s)
-            parts = (offsets, ids.read(), codes.read())
-            self._compare(f"shard {entry.name}", checksum(parts), entry.checksum)
+            got, nbytes = self.lists.shard(s).checksum()
+            self._compare(f"shard {entry.name}", got, entry.checksum)
             report["shards"] += 1
-            report["bytes"] += sum(p.nbytes for p in parts)
+            report["bytes"] += nbytes
         return report
 
     def _compare(self, what: str, got: str, expected: str | None) -> None:
         if expected is not None and got != expected:
             raise IndexFormatError(f"{self.url}: {what}: checksum {got} != manifest {expected}; the index is corrupt")
+
+    def reconstruct(self, ids) -> np.ndarray:
+        """The stored (decoded) vectors of ``ids``, in the original space (normalized for cosine;
+        approximate for compressed codecs and dimension-reducing transforms). Reads the whole
+        index once (resident mode) to find the ids."""
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or ids.dtype.kind not in "iu":
+            raise ValidationError("ids", f"array of dtype {ids.dtype}, shape {ids.shape}", "a 1-D array of int ids")
+        block = self.lists.load_all()
+        order = np.argsort(block.ids, kind="stable")
+        pos = np.searchsorted(block.ids[order], ids)
+        found = (pos < len(order)) & (block.ids[order][np.minimum(pos, len(order) - 1)] == ids)
+        if not found.all():
+            raise ValidationError("ids", f"{int((~found).sum())} id(s) not in the index, e.g. {ids[~found][0]}",
+                                  "ids of vectors in the index")
+        rows = order[pos]
+        if self.codec.refine:
+            return np.ascontiguousarray(block.raw[rows])
+        assign = np.searchsorted(block.offsets, rows, side="right") - 1
+        return self.codec.reconstruct(block.codes[rows], assign, self.centroids)
 
     # ------------------------------------------------------------------ search
     def _prepare(self, xq, nprobe, max_codes, ids_allowed, backend):
@@ -151,8 +186,8 @@ class Index:
         allowed = self.defaults.ids_allowed if ids_allowed is None else ids_allowed
         check_ids_allowed(allowed)
         kern = get_backend(backend or config.get("kernels.backend"))
-        xq = for_metric(xq, self.metric)
-        return xq, nprobe, max_codes, allowed, kern
+        xq_raw = self.codec.raw(xq)
+        return xq_raw, self.codec.transform(xq_raw), nprobe, max_codes, allowed, kern
 
     def _batches(self, nq: int, per_query_bytes: int = 0):
         """Query ranges of at most ``search.batch-size`` queries, fewer when the per-probe
@@ -164,42 +199,48 @@ class Index:
             yield s, min(nq, s + step)
 
     def _lists_for(self, plan: ProbePlan, allowed):
-        """(xb, ids, list_offsets, centers, group_offsets, valid) for the kernels."""
+        """(block, centers of its lists, probes grouped by its lists, valid mask) for the engine."""
         if self.lists.resident is None and self.lists.cache_bytes >= self.lists.nbytes > 0:
             self.lists.load_all()
         if self.lists.resident is not None:
-            xb, ids, offsets = self.lists.resident
+            block = self.lists.resident
             centers, groups = self.centroids, expand_to_all_lists(plan, self.nlist)
         else:
-            xb, ids, offsets = self.lists.fetch(plan.lists)
+            block = self.lists.fetch(plan.lists)
             centers, groups = np.ascontiguousarray(self.centroids[plan.lists]), plan.group_offsets
-        valid = ids_mask(ids, allowed) if allowed is not None else np.empty(0, np.uint8)
-        return xb, ids, offsets, centers, groups, valid
+        valid = ids_mask(block.ids, allowed) if allowed is not None else np.empty(0, np.uint8)
+        probes = engine.Probes(groups, plan.group_queries, plan.group_slots, plan.group_limits)
+        return block, centers, probes, valid
+
+    def _coarse(self, kern, q: np.ndarray, nprobe: int, max_codes: int | None) -> ProbePlan:
+        _, probes = kern.coarse_quantize(q, self.centroids, nprobe, kernel_metric(self.metric))
+        return plan_probes(probes, self.list_sizes, max_codes)
 
     def search(self, xq, k: int | None = None, nprobe: int | None = None, *, max_codes: int | None = None,
-               ids_allowed=None, backend: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+               ids_allowed=None, k_factor: int | None = None,
+               backend: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """k nearest neighbours of each query row: ``(D, I)`` float32 / int64 of shape (nq, k).
 
         Best first; padded with id -1 and +inf (l2) or -inf (ip, cosine) when fewer than k
         vectors are reachable. ``nprobe`` lists are scanned per query (1 <= nprobe <= nlist, an
         error otherwise: distann never clamps silently); ``max_codes`` caps the vectors scanned
         per query; ``ids_allowed`` (int array of ids, or a bool array indexed by id) restricts
-        the results to those ids.
+        the results to those ids; ``k_factor`` (RFlat indexes) re-ranks the best
+        ``k_factor * k`` candidates with the raw vectors.
         """
         k = check_k(self.defaults.k if k is None else k)
-        xq, nprobe, max_codes, allowed, kern = self._prepare(xq, nprobe, max_codes, ids_allowed, backend)
-        kmetric = kernel_metric(self.metric)
+        k_factor = check_positive_int("k_factor", self.defaults.k_factor if k_factor is None else k_factor)
+        xq_raw, xq, nprobe, max_codes, allowed, kern = self._prepare(xq, nprobe, max_codes, ids_allowed, backend)
+        kc = k * k_factor if self.codec.refine else k
         nq = len(xq)
         D = np.empty((nq, k), dtype=np.float32)
         I = np.empty((nq, k), dtype=np.int64)
-        for s, e in self._batches(nq, per_query_bytes=nprobe * k * 12):  # (nprobe, k) float32 + int64
+        for s, e in self._batches(nq, per_query_bytes=nprobe * kc * 12):  # (nprobe, k') float32 + int64
             q = np.ascontiguousarray(xq[s:e])
-            _, probes = kern.coarse_quantize(q, self.centroids, nprobe, kmetric)
-            plan = plan_probes(probes, self.list_sizes, max_codes)
-            xb, ids, offsets, centers, groups, valid = self._lists_for(plan, allowed)
-            Dp, Ip = kern.scan_lists(q, xb, ids, offsets, centers, groups, plan.group_queries, plan.group_slots,
-                                     plan.group_limits, valid, nprobe, k, kmetric)
-            D[s:e], I[s:e] = kern.merge_topk(Dp.reshape(len(q), -1), Ip.reshape(len(q), -1), k, kmetric)
+            plan = self._coarse(kern, q, nprobe, max_codes)
+            block, centers, probes, valid = self._lists_for(plan, allowed)
+            D[s:e], I[s:e] = engine.knn(kern, self.codec, q, block, centers, probes, valid, nprobe, k,
+                                        xq_raw=xq_raw[s:e], k_factor=k_factor)
         return D, I
 
     def range_search(self, xq, radius: float, nprobe: int | None = None, *, max_codes: int | None = None,
@@ -207,22 +248,31 @@ class Index:
         """All vectors within ``radius`` of each query, in the Faiss convention ``(lims, D, I)``.
 
         l2: squared distance < radius (as Faiss; radius >= 0); ip / cosine: similarity > radius.
-        Results of query i are ``D[lims[i]:lims[i+1]]``, best first.
+        Results of query i are ``D[lims[i]:lims[i+1]]``, best first. Distances are those of the
+        codec (to the reconstructed vectors); RFlat indexes answer with exact distances.
         """
         radius = check_radius(radius, self.metric)
-        xq, nprobe, max_codes, allowed, kern = self._prepare(xq, nprobe, max_codes, ids_allowed, backend)
-        kmetric = kernel_metric(self.metric)
+        xq_raw, xq, nprobe, max_codes, allowed, kern = self._prepare(xq, nprobe, max_codes, ids_allowed, backend)
         lims_parts, D_parts, I_parts, base = [np.zeros(1, np.int64)], [], [], 0
         for s, e in self._batches(len(xq)):
             q = np.ascontiguousarray(xq[s:e])
-            _, probes = kern.coarse_quantize(q, self.centroids, nprobe, kmetric)
-            plan = plan_probes(probes, self.list_sizes, max_codes)
-            xb, ids, offsets, centers, groups, valid = self._lists_for(plan, allowed)
-            lims, Dr, Ir = kern.range_scan_lists(q, xb, ids, offsets, centers, groups, plan.group_queries,
-                                                 plan.group_limits, valid, radius, kmetric)
+            plan = self._coarse(kern, q, nprobe, max_codes)
+            block, centers, probes, valid = self._lists_for(plan, allowed)
+            lims, Dr, Ir = engine.range_search(kern, self.codec, q, block, centers, probes, valid, radius,
+                                               xq_raw=xq_raw[s:e], raw_centers=self._raw_centers_of(centers))
             lims_parts.append(lims[1:] + base)
             base += int(lims[-1])
             D_parts.append(Dr)
             I_parts.append(Ir)
         cat = lambda parts, dt: np.concatenate(parts).astype(dt) if parts else np.empty(0, dt)  # noqa: E731
         return np.concatenate(lims_parts), cat(D_parts, np.float32), cat(I_parts, np.int64)
+
+    def _raw_centers_of(self, centers: np.ndarray) -> np.ndarray | None:
+        """Centroids mapped back to the original space (RFlat range search centres on them)."""
+        if not self.codec.refine:
+            return None
+        y = centers
+        for t in reversed(self.codec.transforms):
+            y = t.reverse(y)
+        return np.ascontiguousarray(y, dtype=np.float32)
+

@@ -1,12 +1,14 @@
-"""Reading inverted lists from the store: only the probed ones, through the manifest.
+"""Reading inverted lists from the store: only the probed ones, through the manifest, as stored.
 
 Two modes:
 
 * streaming (default): every batch reads the lists it probes (adjacent probed lists of a shard
   are read as one slice), keeping recently used lists in an LRU cache of ``cache_bytes``;
-* resident: the whole index is loaded once into one contiguous array in list order
-  (``Index.load()``, or automatically when ``cache_bytes`` covers the whole index), after which
-  a batch reads nothing.
+* resident: the whole index is loaded once into one block in list order (``Index.load()``, or
+  automatically when ``cache_bytes`` covers the whole index), after which a batch reads nothing.
+
+Lists are kept as stored (uint8 codes for SQ8 and PQ): the engine decodes inside its kernels,
+so the cache and a resident index take the compressed size, not the float32 size.
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from distann.codecs.base import Codec
-from distann.errors import IndexFormatError
-from distann.store.arrays import CheckedStore, StoredArray
+from distann.search.engine import ListBlock
+from distann.store.arrays import CheckedStore
 from distann.store.manifest import Manifest
+from distann.store.shards import ListRows, ShardReader
 
 log = logging.getLogger(__name__)
 
@@ -37,67 +39,55 @@ class ReadStats:
 
 
 class ListStore:
-    def __init__(self, store: CheckedStore, manifest: Manifest, codec: Codec, list_sizes: np.ndarray,
-                 cache_bytes: int):
+    def __init__(self, store: CheckedStore, manifest: Manifest, list_sizes: np.ndarray, row_bytes: int,
+                 cache_bytes: int, raw: bool = False):
         self.store = store
         self.manifest = manifest
-        self.codec = codec
         self.list_sizes = list_sizes
+        self.row_bytes = int(row_bytes)
         self.cache_bytes = int(cache_bytes)
+        self.raw = raw
         self.stats = ReadStats()
         self._shard_starts = np.array([s.list_start for s in manifest.shards], dtype=np.int64)
-        self._shards: dict[int, tuple[np.ndarray, StoredArray, StoredArray]] = {}
-        self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._shards: dict[int, ShardReader] = {}
+        self._cache: OrderedDict[int, ListRows] = OrderedDict()
         self._cached_bytes = 0
-        self.resident: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self.resident: ListBlock | None = None
         self.global_offsets = np.zeros(len(list_sizes) + 1, dtype=np.int64)
         np.cumsum(list_sizes, out=self.global_offsets[1:])
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the decoded index in memory (float32 vectors + int64 ids)."""
-        return int(self.global_offsets[-1]) * (self.codec.d * 4 + 8)
+        """Bytes of the lists in memory as stored (codes, ids, raw vectors for RFlat)."""
+        return int(self.global_offsets[-1]) * self.row_bytes
 
-    def shard_arrays(self, s: int) -> tuple[np.ndarray, StoredArray, StoredArray]:
-        """Shard ``s``: its offsets (read), codes and ids (opened, not read), checked against
-        the manifest."""
+    def shard(self, s: int) -> ShardReader:
         if s not in self._shards:
             entry = self.manifest.shards[s]
-            offsets = StoredArray(self.store, f"{entry.path}/offsets").read()
-            codes = StoredArray(self.store, f"{entry.path}/codes")
-            ids = StoredArray(self.store, f"{entry.path}/ids")
-            nl = entry.list_stop - entry.list_start
-            if (offsets.shape != (nl + 1,) or offsets[-1] != entry.ntotal or codes.shape[0] != entry.ntotal
-                    or ids.shape != (entry.ntotal,)
-                    or not np.array_equal(np.diff(offsets), self.list_sizes[entry.list_start:entry.list_stop])):
-                raise IndexFormatError(f"{self.store.url}: shard {entry.name} does not match the manifest "
-                                       f"(corrupt index)")
-            self._shards[s] = (offsets, codes, ids)
+            self._shards[s] = ShardReader(self.store, entry, self.list_sizes[entry.list_start:entry.list_stop],
+                                          raw=self.raw)
         return self._shards[s]
 
-    def _read_run(self, s: int, l0: int, l1: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    def _read_run(self, s: int, l0: int, l1: int) -> list[tuple[int, ListRows]]:
         """Lists [l0, l1) of shard ``s`` (consecutive lists, so one contiguous slice)."""
-        offsets, codes, ids = self.shard_arrays(s)
-        base = self.manifest.shards[s].list_start
-        r0, r1 = int(offsets[l0 - base]), int(offsets[l1 - base])
-        xs = self.codec.decode(codes.read(r0, r1)) if r1 > r0 else np.empty((0, self.codec.d), np.float32)
-        idv = ids.read(r0, r1).astype(np.int64, copy=False) if r1 > r0 else np.empty(0, np.int64)
+        rows = self.shard(s).read(l0, l1)
         self.stats.reads += 1
-        self.stats.vectors_read += r1 - r0
+        self.stats.vectors_read += len(rows.ids)
         out = []
-        for lst in range(l0, l1):
-            a, b = int(offsets[lst - base]) - r0, int(offsets[lst + 1 - base]) - r0
-            out.append((lst, xs[a:b], idv[a:b]))
+        for i, lst in enumerate(range(l0, l1)):
+            a, b = int(rows.offsets[i]), int(rows.offsets[i + 1])
+            raw = rows.raw[a:b] if rows.raw is not None else None
+            out.append((lst, ListRows(rows.codes[a:b], rows.ids[a:b], np.array([0, b - a], np.int64), raw)))
             self.stats.lists_read += 1
             self.stats.read_lists.add(lst)
         return out
 
-    def fetch(self, lists: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Vectors, ids and offsets of ``lists`` (ascending), concatenated in that order.
+    def fetch(self, lists: np.ndarray) -> ListBlock:
+        """The rows of ``lists`` (ascending), concatenated in that order.
 
         Peak memory: the probed lists twice (read slices + the concatenation).
         """
-        got: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        got: dict[int, ListRows] = {}
         missing = []
         for lst in lists.tolist():
             hit = self._cache.get(lst)
@@ -112,43 +102,48 @@ class ListStore:
             run_start = 0
             for i in range(1, len(missing) + 1):
                 if i == len(missing) or missing[i] != missing[i - 1] + 1 or shard_of[i] != shard_of[i - 1]:
-                    for lst, xs, idv in self._read_run(int(shard_of[run_start]), missing[run_start], missing[i - 1] + 1):
-                        got[lst] = (xs, idv)
-                        self._remember(lst, xs, idv)
+                    for lst, rows in self._read_run(int(shard_of[run_start]), missing[run_start], missing[i - 1] + 1):
+                        got[lst] = rows
+                        self._remember(lst, rows)
                     run_start = i
-        sizes = np.array([len(got[lst][1]) if lst in got else 0 for lst in lists.tolist()], dtype=np.int64)
+        parts = [got[lst] for lst in lists.tolist() if lst in got]
+        sizes = np.array([len(got[lst].ids) if lst in got else 0 for lst in lists.tolist()], dtype=np.int64)
         offsets = np.zeros(len(lists) + 1, dtype=np.int64)
         np.cumsum(sizes, out=offsets[1:])
-        parts = [got[lst] for lst in lists.tolist() if lst in got]
-        xb = np.concatenate([p[0] for p in parts]) if parts else np.empty((0, self.codec.d), np.float32)
-        ids = np.concatenate([p[1] for p in parts]) if parts else np.empty(0, np.int64)
-        return np.ascontiguousarray(xb, dtype=np.float32), np.ascontiguousarray(ids), offsets
+        return ListBlock(np.asarray(lists, dtype=np.int64), offsets, *self._concat(parts))
 
-    def _remember(self, lst: int, xs: np.ndarray, idv: np.ndarray) -> None:
-        size = xs.nbytes + idv.nbytes
+    def _concat(self, parts: list[ListRows]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        if not parts:
+            shard = self.shard(0)
+            codes = np.empty((0, shard.codes.shape[1]), dtype=shard.codes.dtype)
+            raw = np.empty((0, shard.raw.shape[1]), np.float32) if shard.raw is not None else None
+            return codes, np.empty(0, np.int64), raw
+        codes = np.ascontiguousarray(np.concatenate([p.codes for p in parts]))
+        ids = np.ascontiguousarray(np.concatenate([p.ids for p in parts]))
+        raw = np.ascontiguousarray(np.concatenate([p.raw for p in parts])) if self.raw else None
+        return codes, ids, raw
+
+    def _remember(self, lst: int, rows: ListRows) -> None:
+        size = len(rows.ids) * self.row_bytes
         if size > self.cache_bytes:
             return
-        self._cache[lst] = (np.ascontiguousarray(xs), np.ascontiguousarray(idv))
+        self._cache[lst] = rows
         self._cached_bytes += size
         while self._cached_bytes > self.cache_bytes:
-            _, (ox, oi) = self._cache.popitem(last=False)
-            self._cached_bytes -= ox.nbytes + oi.nbytes
+            _, old = self._cache.popitem(last=False)
+            self._cached_bytes -= len(old.ids) * self.row_bytes
 
-    def load_all(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Make the whole index resident: (vectors, ids, global list offsets)."""
+    def load_all(self) -> ListBlock:
+        """Make the whole index resident: one block of every list, in list order."""
         if self.resident is None:
-            n = int(self.global_offsets[-1])
-            xb = np.empty((n, self.codec.d), dtype=np.float32)
-            ids = np.empty(n, dtype=np.int64)
+            parts = []
             for s, entry in enumerate(self.manifest.shards):
-                offsets, codes, idarr = self.shard_arrays(s)
-                g0 = int(self.global_offsets[entry.list_start])
-                if entry.ntotal:
-                    xb[g0:g0 + entry.ntotal] = self.codec.decode(codes.read())
-                    ids[g0:g0 + entry.ntotal] = idarr.read()
+                parts.append(self.shard(s).read_all())
                 self.stats.reads += 1
                 self.stats.vectors_read += entry.ntotal
-            self.resident = (xb, ids, self.global_offsets)
+            codes, ids, raw = self._concat(parts)
+            self.resident = ListBlock(np.arange(len(self.list_sizes), dtype=np.int64), self.global_offsets,
+                                      codes, ids, raw)
             self._cache.clear()
             self._cached_bytes = 0
             log.info("index %s resident in memory: %.1f MiB", self.store.url, self.nbytes / 2**20)

@@ -15,9 +15,11 @@ from distann.errors import IndexFormatError
 from distann.store.location import Location
 
 FORMAT_NAME = "distann-ivf"
+#: 3: the codec section holds a trained pipeline (spec, transforms, quantizer, arrays under codec/).
 #: 2: every chunk of every array is stored (an absent chunk is corruption); quantizer checksums.
 #: 1: all-zero chunks were not stored. Version-1 indexes are still read (absent chunks as zeros).
-FORMAT_VERSION = 2
+#: Versions 1 and 2 are Flat indexes; they are still read.
+FORMAT_VERSION = 3
 MANIFEST_PATH = "manifest.json"
 
 

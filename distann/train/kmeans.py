@@ -197,7 +197,7 @@ def split_empty_clusters(centroids: np.ndarray, counts: np.ndarray, rng: np.rand
     return nsplit
 
 
-def _gather_rows(client, blocks, sizes: np.ndarray, positions: np.ndarray) -> np.ndarray:
+def gather_rows(client, blocks, sizes: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """Rows at global sample positions (sorted), fetched from the blocks holding them."""
     positions = np.sort(positions)
     bounds = np.concatenate([[0], np.cumsum(sizes)])
@@ -213,14 +213,14 @@ def initialize(client, blocks, sizes: np.ndarray, k: int, init: str, seed: int) 
     n = int(sizes.sum())
     rng = np.random.default_rng([seed, 0x1417])
     if init == "random":
-        return _gather_rows(client, blocks, sizes, rng.choice(n, size=k, replace=False))
+        return gather_rows(client, blocks, sizes, rng.choice(n, size=k, replace=False))
     if init == "k-means++":
         m = min(n, _KPP_SUBSAMPLE * k)
-        pts = _gather_rows(client, blocks, sizes, rng.choice(n, size=m, replace=False))
+        pts = gather_rows(client, blocks, sizes, rng.choice(n, size=m, replace=False))
         return weighted_kmeanspp(pts, np.ones(m), k, rng)
     # k-means||
     live = [(b, s) for b, s in zip(blocks, sizes) if s > 0]
-    first = _gather_rows(client, blocks, sizes, rng.choice(n, size=1))
+    first = gather_rows(client, blocks, sizes, rng.choice(n, size=1))
     cand = [first]
     new = client.scatter(first, broadcast=True)
     mind = [client.submit(kpar_update, b, new, None, pure=False) for b, _ in live]
@@ -238,7 +238,7 @@ def initialize(client, blocks, sizes: np.ndarray, k: int, init: str, seed: int) 
             mind = [client.submit(kpar_update, b, new, m, pure=False) for (b, _), m in zip(live, mind)]
     cand_x = np.concatenate(cand)
     if len(cand_x) < k:  # too few candidates: top up with random sample points
-        extra = _gather_rows(client, blocks, sizes, rng.choice(n, size=k - len(cand_x), replace=False))
+        extra = gather_rows(client, blocks, sizes, rng.choice(n, size=k - len(cand_x), replace=False))
         cand_x = np.concatenate([cand_x, extra])
     cf = client.scatter(cand_x, broadcast=True)
     w = tree_reduce(client, [client.submit(kpar_weights, b, cf, pure=False) for b, _ in live], np.add).result()
@@ -285,6 +285,25 @@ def train_on_blocks(client, blocks: list, sizes: np.ndarray, k: int, *, niter: i
     if bar is not None:
         bar.close()
     return KMeansResult(np.ascontiguousarray(centroids, dtype=np.float32), objective, counts, n, init, seed)
+
+
+def kmeans_local(x: np.ndarray, k: int, niter: int, seed, init: np.ndarray | None = None) -> np.ndarray:
+    """k-means of an in-memory sample in this process (codec training: PQ sub-spaces, OPQ):
+    ``init`` centroids or ``k`` distinct random rows, ``niter`` Lloyd iterations with the same
+    fused assignment as the distributed k-means, Faiss-style splitting of empty clusters. Needs
+    ``len(x) >= k``. Peak memory: one (2048 x k) score block and the (k, d) float64 sums."""
+    x = aligned(np.asarray(x, dtype=np.float32))
+    rng = np.random.default_rng(seed)
+    if init is not None:
+        centroids = np.array(init, dtype=np.float32, order="C")
+    else:
+        centroids = np.ascontiguousarray(x[rng.choice(len(x), size=k, replace=False)], dtype=np.float32)
+    for _ in range(niter):
+        sums, counts, _ = block_stats(x, centroids, False)
+        nonempty = counts > 0
+        centroids[nonempty] = (sums[nonempty] / counts[nonempty, None]).astype(np.float32)
+        split_empty_clusters(centroids, counts, rng)
+    return centroids
 
 
 def _normalize(c: np.ndarray) -> np.ndarray:

@@ -1,0 +1,96 @@
+"""List-range shards: the inverted lists of an index, written by the merge and read by searches.
+
+A shard holds lists ``[list_start, list_stop)`` (``docs/FORMAT.md``)::
+
+    offsets  (lists + 1,) int64     list l is rows offsets[l - list_start] : offsets[l - list_start + 1]
+    codes    (n_s, code_width)      the codec's codes, as stored (float32 for Flat, uint8 for SQ8/PQ, ...)
+    ids      (n_s,) int64
+    raw      (n_s, d) float32       raw vectors, RFlat indexes only
+
+:func:`write_shard` writes them (every chunk stored, see ``store.arrays``) and returns the
+checksum the manifest records; :class:`ShardReader` opens one shard through its manifest entry
+and returns the rows of consecutive lists *as stored*: decoding is the engine's business.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from zarr.abc.store import Store
+
+from distann.errors import IndexFormatError
+from distann.store.arrays import CheckedStore, StoredArray, checksum, write_array
+from distann.store.manifest import ShardEntry
+
+ARRAYS = ("offsets", "codes", "ids", "raw")
+
+
+def chunk_rows_for_codes(code_size: int, target_bytes: int = 1 << 20) -> int:
+    """Rows per Zarr chunk of a codes array: a power of two near ``target_bytes`` (>= 256 rows).
+
+    Small chunks let a search read little more than the probed lists.
+    """
+    rows = max(1, target_bytes // max(1, code_size))
+    return max(256, 1 << (int(rows).bit_length() - 1))
+
+
+def write_shard(store: Store, path: str, offsets: np.ndarray, codes: np.ndarray, ids: np.ndarray,
+                raw: np.ndarray | None = None) -> str:
+    """Write one shard's arrays under ``path``; returns its checksum (CRC-32 over offsets, ids,
+    codes and raw, in that order)."""
+    rows = chunk_rows_for_codes(codes.shape[1] * codes.dtype.itemsize)
+    write_array(store, f"{path}/offsets", offsets, (max(1, len(offsets)),))
+    write_array(store, f"{path}/ids", ids, (max(1, min(len(ids), rows * 4)),))
+    write_array(store, f"{path}/codes", codes, (max(1, min(len(codes), rows)), codes.shape[1]))
+    parts = [offsets, ids, codes]
+    if raw is not None:
+        raw_rows = chunk_rows_for_codes(raw.shape[1] * 4)
+        write_array(store, f"{path}/raw", raw, (max(1, min(len(raw), raw_rows)), raw.shape[1]))
+        parts.append(raw)
+    return checksum(parts)
+
+
+@dataclass(frozen=True)
+class ListRows:
+    """The rows of consecutive lists, as stored: list ``i`` of them is ``[offsets[i], offsets[i+1])``."""
+
+    codes: np.ndarray
+    ids: np.ndarray
+    offsets: np.ndarray
+    raw: np.ndarray | None = None
+
+
+class ShardReader:
+    """One shard of a committed index, checked against its manifest entry when opened."""
+
+    def __init__(self, store: CheckedStore, entry: ShardEntry, list_sizes: np.ndarray, raw: bool = False):
+        self.entry = entry
+        self.offsets = StoredArray(store, f"{entry.path}/offsets").read()
+        self.codes = StoredArray(store, f"{entry.path}/codes")
+        self.ids = StoredArray(store, f"{entry.path}/ids")
+        self.raw = StoredArray(store, f"{entry.path}/raw") if raw else None
+        nl = entry.list_stop - entry.list_start
+        if (self.offsets.shape != (nl + 1,) or self.offsets[-1] != entry.ntotal
+                or self.codes.shape[0] != entry.ntotal or self.ids.shape != (entry.ntotal,)
+                or (self.raw is not None and self.raw.shape[0] != entry.ntotal)
+                or not np.array_equal(np.diff(self.offsets), list_sizes)):
+            raise IndexFormatError(f"{store.url}: shard {entry.name} does not match the manifest (corrupt index)")
+
+    def read(self, l0: int, l1: int) -> ListRows:
+        """Lists [l0, l1) (consecutive, global list numbers) in one contiguous read per array."""
+        base = self.entry.list_start
+        offsets = self.offsets[l0 - base:l1 - base + 1]
+        r0, r1 = int(offsets[0]), int(offsets[-1])
+        raw = self.raw.read(r0, r1) if self.raw is not None else None
+        return ListRows(self.codes.read(r0, r1), self.ids.read(r0, r1).astype(np.int64, copy=False),
+                        offsets - r0, raw)
+
+    def read_all(self) -> ListRows:
+        return self.read(self.entry.list_start, self.entry.list_stop)
+
+    def checksum(self) -> tuple[str, int]:
+        """(checksum of the stored arrays, bytes read)."""
+        rows = self.read_all()
+        parts = [self.offsets, rows.ids, rows.codes] + ([rows.raw] if rows.raw is not None else [])
+        return checksum(parts), sum(p.nbytes for p in parts)
