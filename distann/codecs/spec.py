@@ -117,13 +117,13 @@ def parse_spec(spec: object, param: str = "spec") -> IndexSpec:
     if not isinstance(spec, str) or not spec.strip():
         raise ValidationError(param, spec, f"a spec string {GRAMMAR}")
     parts = [p.strip() for p in spec.split(",")]
+    if not any(_IVF_RE.fullmatch(p) for p in parts):
+        raise ValidationError(param, spec, f"an IVF<nlist> part (the coarse quantizer); the grammar is {GRAMMAR}")
     transforms: list[TransformSpec] = []
     i = 0
     while i < len(parts) and not _IVF_RE.fullmatch(parts[i]):
         transforms.append(_transform(parts[i], spec, param))
         i += 1
-    if i == len(parts):
-        raise ValidationError(param, spec, f"an IVF<nlist> part (the coarse quantizer); the grammar is {GRAMMAR}")
     nlist = int(_IVF_RE.fullmatch(parts[i]).group(1))  # type: ignore[union-attr]
     if nlist < 1:
         raise ValidationError(param, spec, "IVF<nlist> with nlist >= 1")
