@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(p, "--out", "search", "out", metavar="RESULT.npz")
     _opt(p, "--radius", "search", "radius", type=float, metavar="R")
     _opt(p, "--max-codes", "search", "max_codes", type=int, metavar="N")
+    _opt(p, "--k-factor", "search", "k_factor", type=int, metavar="F")
     _opt(p, "--batch-size", "search", "batch_size", type=int, metavar="N")
 
     p = sub.add_parser("verify", parents=[common],
@@ -132,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most vectors scanned per query (default: no limit)")
     p.add_argument("--repeats", type=int, default=1, metavar="N",
                    help="time each nprobe N times and keep the fastest (default 1)")
+    p.add_argument("--k-factor", type=int, default=None, metavar="F",
+                   help="RFlat indexes: re-rank the best F * k candidates (default 4)")
     p.add_argument("--load", action=argparse.BooleanOptionalAction, default=None,
                    help="load the whole index into memory before timing (default: when it takes at most half "
                         "of the available memory); --no-load times searches that read the probed lists "
@@ -249,7 +252,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     with dask.config.set(settings):
         t0 = time.perf_counter()
         if job.radius is None:
-            D, I = index.search(xq, k=job.k, nprobe=job.nprobe, max_codes=job.max_codes)
+            D, I = index.search(xq, k=job.k, nprobe=job.nprobe, max_codes=job.max_codes, k_factor=job.k_factor)
             arrays = {"D": D, "I": I}
         else:
             lims, D, I = index.range_search(xq, job.radius, nprobe=job.nprobe, max_codes=job.max_codes)
@@ -338,7 +341,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import distann
     from distann.evaluation import sweep_nprobe
 
-    for name, value in (("--k", args.k), ("--max-codes", args.max_codes), ("--repeats", args.repeats)):
+    for name, value in (("--k", args.k), ("--max-codes", args.max_codes), ("--repeats", args.repeats),
+                        ("--k-factor", args.k_factor)):
         if value is not None and value < 1:
             raise ValidationError(name, value, "must be a positive integer")
     index = distann.open_index(args.index)
@@ -360,7 +364,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             f"it needs {size / 2**20:.0f} MiB, more than half of the {available / 2**20:.0f} MiB available"
         print(f"index streamed from the store ({reason}); each search reads the lists it probes")
     points, front = sweep_nprobe(index, xq, gt, args.nprobe, k=args.k, repeats=args.repeats,
-                                 max_codes=args.max_codes)
+                                 max_codes=args.max_codes, k_factor=args.k_factor)
     best = {p.nprobe for p in front}
     print(f"{'nprobe':>8} {f'recall@{args.k}':>10} {'QPS':>12}  pareto")
     for p in points:

@@ -194,7 +194,8 @@ class BuildJob:
 
     source: str = _f("URL of the vectors (.npy, .fvecs/.bvecs, Zarr array, Parquet; fsspec URLs ok)", _text)
     index: str = _f("URL of the index to write (a Zarr group; fsspec URLs ok)", _text)
-    spec: str = _f("index type 'IVF<nlist>,Flat' (case-sensitive)", _spec, "IVF1024,Flat")
+    spec: str = _f("index type, Faiss factory style: [PCA<D>|PCAR<D>|RR<D>|OPQ<M>[_<D>],]IVF<nlist>,"
+                   "Flat|SQ8|SQfp16|PQ<M>[x<bits>][,RFlat] (case-sensitive)", _spec, "IVF1024,Flat")
     metric: str = _f("distance: l2 (squared Euclidean), ip (inner product) or cosine", _choice(METRICS), "l2")
     ids: str | None = _f("URL of int64 ids, one per vector (default: row numbers)", _optional(_text), None)
     column: str | None = _f("vector column of a Parquet source", _optional(_text), None)
@@ -226,6 +227,8 @@ class SearchJob:
     radius: float | None = _f("range search: squared L2 distance below, or similarity above, this value "
                               "(not with k)", _optional(_real), None)
     max_codes: int | None = _f("most vectors scanned per query (default: no limit)", _optional(_positive), None)
+    k_factor: int | None = _f("RFlat indexes: re-rank the best k_factor * k candidates (default 4)",
+                              _optional(_positive), None)
     batch_size: int | None = _f("queries per batch (default: distann.search.batch-size)",
                                 _optional(_positive), None)
 
