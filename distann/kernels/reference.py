@@ -148,3 +148,69 @@ def exact_knn(xq: np.ndarray, xb: np.ndarray, ids: np.ndarray, k: int,
         D[qi, : len(sel)] = dist[sel]
         I[qi, : len(sel)] = ids[sel]
     return D, I
+
+
+def _add_centers(x: np.ndarray, list_offsets: np.ndarray, centers: np.ndarray) -> None:
+    """``x[rows of list j] += centers[j]`` in place (the ``by_residual`` reconstruction)."""
+    for j in range(len(list_offsets) - 1):
+        lo, hi = int(list_offsets[j]), int(list_offsets[j + 1])
+        x[lo:hi] += centers[j].astype(np.float64)
+
+
+def _reconstruct_sq(codes: np.ndarray, sq_kind: int, vmin: np.ndarray,
+                    vdiff: np.ndarray) -> np.ndarray:
+    """float64 reconstruction of scalar-quantized codes (see ``base``, "Compressed lists")."""
+    if sq_kind == 0:
+        c = np.asarray(codes, dtype=np.uint8).astype(np.float64)
+        return (np.asarray(vmin, dtype=np.float64)
+                + (c + 0.5) / 255.0 * np.asarray(vdiff, dtype=np.float64))
+    if sq_kind == 1:
+        return np.ascontiguousarray(codes, dtype=np.uint16).view(np.float16).astype(np.float64)
+    raise ValidationError("sq_kind", sq_kind, "must be 0 (8 bits) or 1 (fp16)")
+
+
+def scan_lists_sq(xq: np.ndarray, codes: np.ndarray, ids: np.ndarray, list_offsets: np.ndarray,
+                  centers: np.ndarray, sq_kind: int, vmin: np.ndarray, vdiff: np.ndarray,
+                  by_residual: bool, group_offsets: np.ndarray, group_queries: np.ndarray,
+                  group_slots: np.ndarray, group_limits: np.ndarray, valid: np.ndarray,
+                  nprobe: int, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """``scan_lists`` on the float64 reconstruction of scalar-quantized lists."""
+    _check_metric(metric)
+    xb = _reconstruct_sq(codes, int(sq_kind), vmin, vdiff)
+    if by_residual:
+        _add_centers(xb, list_offsets, centers)
+    return scan_lists(xq, xb, ids, list_offsets, centers, group_offsets, group_queries,
+                      group_slots, group_limits, valid, nprobe, k, metric)
+
+
+def _reconstruct_pq(codes: np.ndarray, codebooks: np.ndarray, d: int) -> np.ndarray:
+    """float64 reconstruction of product-quantized codes: sub-vector m is codebooks[m, code[m]]."""
+    codes = np.asarray(codes, dtype=np.uint8)
+    codebooks = np.asarray(codebooks)
+    if (codebooks.ndim != 3 or codebooks.shape[0] * codebooks.shape[2] != d
+            or not 1 <= codebooks.shape[1] <= 256):
+        raise ValidationError("codebooks", codebooks.shape,
+                              f"must be (M, K, dsub) with M * dsub = d = {d} and 1 <= K <= 256")
+    M, K, _ = codebooks.shape
+    if codes.ndim != 2 or codes.shape[1] != M:
+        raise ValidationError("codes", codes.shape, f"must be (N, {M}): a uint8 per sub-quantizer")
+    if codes.size and int(codes.max()) >= K:
+        raise ValidationError("codes", int(codes.max()), f"must be < K = {K}")
+    cb = np.asarray(codebooks, dtype=np.float64)
+    parts = [cb[m][codes[:, m].astype(np.int64)] for m in range(M)]
+    return np.concatenate(parts, axis=1) if parts else np.zeros((codes.shape[0], 0))
+
+
+def scan_lists_pq(xq: np.ndarray, codes: np.ndarray, ids: np.ndarray, list_offsets: np.ndarray,
+                  centers: np.ndarray, codebooks: np.ndarray, by_residual: bool,
+                  group_offsets: np.ndarray, group_queries: np.ndarray, group_slots: np.ndarray,
+                  group_limits: np.ndarray, valid: np.ndarray, nprobe: int, k: int,
+                  metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """``scan_lists`` on the float64 reconstruction of product-quantized lists (the reference
+    reconstructs; fast backends use lookup tables, which give the same distances)."""
+    _check_metric(metric)
+    xb = _reconstruct_pq(codes, codebooks, np.shape(xq)[1])
+    if by_residual:
+        _add_centers(xb, list_offsets, centers)
+    return scan_lists(xq, xb, ids, list_offsets, centers, group_offsets, group_queries,
+                      group_slots, group_limits, valid, nprobe, k, metric)

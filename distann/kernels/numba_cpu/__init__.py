@@ -18,6 +18,16 @@ How the work is done
   ``||x'||^2 - 2 <q', x'>``; ``||q'||^2`` is added to the k survivors only (clamped at 0).
   Lists probed by at most ``_DIRECT_MAX_ROWS`` pairs (single queries, small batches) skip the
   centring copy and compute ``||q - x||^2`` by direct differences.
+* ``scan_lists_sq`` runs the same list-major path on scalar-quantized lists: each list is
+  decoded once into the centred float32 buffer the Flat path would build (8 bits: one FMA per
+  component, the centroid folded into a per-list offset computed in float64; fp16: a
+  65536-entry table), then the micro-kernel or, for lists probed by at most
+  ``_DIRECT_MAX_ROWS`` pairs, direct differences on the decoded rows.
+* ``scan_lists_pq`` is asymmetric distance computation, list-major: the pairs of a list are
+  taken four at a time, each gets its M x K lookup table (l2 by direct differences on
+  q - c when ``by_residual``; ip with <q, c> folded in), and one pass over the list's codes
+  sums M table entries per code for all four (the codes are read once per four pairs). The
+  rows of keys go through the same selection as the Flat path.
 * Top-k selection (``_select``): a vectorized pass bounds the k-th best key by the largest of
   the minima of k disjoint blocks, a branch-free pass keeps the few percent of candidates
   under that bound, and those are inserted into a sorted array of size k. Ties: smaller id.
@@ -39,12 +49,13 @@ knobs that decide how a call is cut into parts (``_SERIAL_WORK``, ``_nthreads``:
 read them from this module, so patching them here takes effect). The compiled internals live
 in private modules, by concern: ``_selection`` (ordering and top-k selection), ``_arith``
 (micro-kernel, direct differences, centring), ``_balancing`` (lists to threads), ``_lists``
-(one list of a ``scan_lists`` / ``range_scan_lists`` batch), ``_coarse_merge_exact`` (the
-other three kernels) and ``_threads`` (the thread pool). Numba's on-disk cache only notices
-edits to the file that defines a function, not to the files of the functions it calls: after
-editing a module here, delete ``distann/kernels/numba_cpu/__pycache__`` (or point
-``NUMBA_CACHE_DIR`` at a fresh directory) so that its callers in the other modules are
-recompiled.
+(one list of a ``scan_lists`` / ``range_scan_lists`` batch), ``_codecs`` (one list of a
+``scan_lists_sq`` / ``scan_lists_pq`` batch: decoding, lookup tables, the ADC scan; it reuses
+``_lists``, ``_arith`` and ``_selection``), ``_coarse_merge_exact`` (the other three kernels)
+and ``_threads`` (the thread pool). Numba's on-disk cache only notices edits to the file that
+defines a function, not to the files of the functions it calls: after editing a module here,
+delete ``distann/kernels/numba_cpu/__pycache__`` (or point ``NUMBA_CACHE_DIR`` at a fresh
+directory) so that its callers in the other modules are recompiled.
 """
 
 from __future__ import annotations
@@ -63,6 +74,7 @@ from distann.kernels.numba_cpu._coarse_merge_exact import (
     _merge_part,
     _prepare_queries,
 )
+from distann.kernels.numba_cpu._codecs import _pq_part, _sq_part, f16_table
 from distann.kernels.numba_cpu._lists import (
     _MODE_COUNT,
     _MODE_FILL,
@@ -115,6 +127,18 @@ _NO_F32_1 = np.empty(0, dtype=np.float32)
 _NO_I64_1 = np.empty(0, dtype=np.int64)
 _NO_F32_3 = np.empty((0, 0, 0), dtype=np.float32)
 _NO_I64_3 = np.empty((0, 0, 0), dtype=np.int64)
+_NO_F64_1 = np.empty(0, dtype=np.float64)
+_NO_U8_2 = np.empty((0, 0), dtype=np.uint8)
+_NO_U16_2 = np.empty((0, 0), dtype=np.uint16)
+_F16_TABLE: np.ndarray | None = None
+
+
+def _f16_table() -> np.ndarray:
+    """The fp16 decode table (``_codecs.f16_table``), built on first use."""
+    global _F16_TABLE
+    if _F16_TABLE is None:
+        _F16_TABLE = f16_table()
+    return _F16_TABLE
 
 
 def _centre_of(rows: np.ndarray) -> np.ndarray:
@@ -195,6 +219,96 @@ def scan_lists(xq: np.ndarray, xb: np.ndarray, ids: np.ndarray, list_offsets: np
               list_offsets, _f32(centers), group_offsets, _i64(group_queries),
               _i64(group_slots), _i64(group_limits), _u8(valid), k, is_ip, D, I, 0.0,
               _NO_I64_1, _NO_I64_1, _NO_F32_1, _NO_I64_1)
+    return D, I
+
+
+def _check_codes(codes: np.ndarray, ncols: int, what: str) -> None:
+    if codes.ndim != 2 or codes.shape[1] != ncols:
+        raise ValidationError("codes", codes.shape, f"must be (N, {ncols}): {what}")
+
+
+def scan_lists_sq(xq: np.ndarray, codes: np.ndarray, ids: np.ndarray, list_offsets: np.ndarray,
+                  centers: np.ndarray, sq_kind: int, vmin: np.ndarray, vdiff: np.ndarray,
+                  by_residual: bool, group_offsets: np.ndarray, group_queries: np.ndarray,
+                  group_slots: np.ndarray, group_limits: np.ndarray, valid: np.ndarray,
+                  nprobe: int, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """``scan_lists`` on scalar-quantized lists (``sq_kind`` 0: 8 bits, 1: fp16), decoding each
+    list once into a centred float32 buffer and running the Flat path on it.
+
+    Peak extra memory: the (nq, nprobe, k) outputs, the fp16 decode table (256 KiB, built
+    once per process), plus, per thread, one decoded list ((n + 1) x d float32), 6 rows of n
+    float32 keys and 12 (n + k) bytes of selection scratch (n: the list's size).
+    """
+    is_ip = _check_metric(metric)
+    sq_kind = int(sq_kind)
+    if sq_kind not in (0, 1):
+        raise ValidationError("sq_kind", sq_kind, "must be 0 (8 bits) or 1 (fp16)")
+    nprobe = int(nprobe)
+    k = int(k)
+    D, I = _padded((xq.shape[0], nprobe, k), is_ip)
+    if xq.shape[0] == 0 or nprobe <= 0 or k <= 0:
+        return D, I
+    xq, list_offsets, group_offsets = _f32(xq), _i64(list_offsets), _i64(group_offsets)
+    d = xq.shape[1]
+    if sq_kind == 0:
+        codes8, codes16, tab = _u8(codes), _NO_U16_2, _NO_F32_1
+        _check_codes(codes8, d, "one uint8 per component")
+        vmin64 = np.asarray(vmin, dtype=np.float64).reshape(-1)
+        vdiff64 = np.asarray(vdiff, dtype=np.float64).reshape(-1)
+        if vmin64.shape != (d,) or vdiff64.shape != (d,):
+            raise ValidationError("vmin/vdiff", (vmin64.shape, vdiff64.shape),
+                                  f"must both have d = {d} entries for 8-bit codes")
+        # component t = vmin + (code + 0.5) vdiff / 255 = base + code * scale; the kernel folds
+        # the centroid into base per list (float64, rounded once)
+        scale = (vdiff64 / 255.0).astype(np.float32)
+        base = vmin64 + 0.5 * (vdiff64 / 255.0)
+    else:
+        codes8, codes16, tab = _NO_U8_2, np.ascontiguousarray(codes, dtype=np.uint16), _f16_table()
+        _check_codes(codes16, d, "one fp16 bit pattern per component")
+        scale, base = _NO_F32_1, _NO_F64_1
+    ptr, items = _batch_parts(list_offsets, group_offsets, d)
+    _parallel(_sq_part, ptr.shape[0] - 1, ptr, items, xq, sq_kind, codes8, codes16, _i64(ids),
+              list_offsets, _f32(centers), base, scale, tab, bool(by_residual), group_offsets,
+              _i64(group_queries), _i64(group_slots), _i64(group_limits), _u8(valid), k, is_ip,
+              D, I)
+    return D, I
+
+
+def scan_lists_pq(xq: np.ndarray, codes: np.ndarray, ids: np.ndarray, list_offsets: np.ndarray,
+                  centers: np.ndarray, codebooks: np.ndarray, by_residual: bool,
+                  group_offsets: np.ndarray, group_queries: np.ndarray, group_slots: np.ndarray,
+                  group_limits: np.ndarray, valid: np.ndarray, nprobe: int, k: int,
+                  metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """``scan_lists`` on product-quantized lists by asymmetric distance computation: per list,
+    its (query, probe) pairs four at a time, one lookup table each, one pass over the codes.
+
+    Peak extra memory: the (nq, nprobe, k) outputs, a transposed copy of the codebooks
+    (K x d float32), plus, per thread, 4 lookup tables (4 x M x K float32: 64 KiB for M = 16,
+    K = 256), 4 x n keys and 12 (n + k) bytes of selection scratch (n: the list's size).
+    """
+    is_ip = _check_metric(metric)
+    nprobe = int(nprobe)
+    k = int(k)
+    D, I = _padded((xq.shape[0], nprobe, k), is_ip)
+    if xq.shape[0] == 0 or nprobe <= 0 or k <= 0:
+        return D, I
+    xq, list_offsets, group_offsets = _f32(xq), _i64(list_offsets), _i64(group_offsets)
+    d = xq.shape[1]
+    codebooks = _f32(codebooks)
+    if codebooks.ndim != 3 or codebooks.shape[0] * codebooks.shape[2] != d \
+            or not 1 <= codebooks.shape[1] <= 256:
+        raise ValidationError("codebooks", codebooks.shape,
+                              f"must be (M, K, dsub) with M * dsub = d = {d} and 1 <= K <= 256")
+    M, K, _ = codebooks.shape
+    codes = _u8(codes)
+    _check_codes(codes, M, "one uint8 per sub-quantizer")
+    if K < 256 and codes.size and int(codes.max()) >= K:  # the tables have K entries
+        raise ValidationError("codes", int(codes.max()), f"must be < K = {K}")
+    cbT = np.ascontiguousarray(codebooks.transpose(0, 2, 1))  # (M, dsub, K): loops along K
+    ptr, items = _batch_parts(list_offsets, group_offsets, M)
+    _parallel(_pq_part, ptr.shape[0] - 1, ptr, items, xq, codes, _i64(ids), list_offsets,
+              _f32(centers), cbT, bool(by_residual), group_offsets, _i64(group_queries),
+              _i64(group_slots), _i64(group_limits), _u8(valid), k, is_ip, D, I)
     return D, I
 
 

@@ -4,7 +4,9 @@
 centred micro-kernel or, for lists probed by at most ``_DIRECT_MAX_ROWS`` pairs, by direct
 differences, and hands each row to ``_consume``, which either selects the pair's top-k into its
 output slot (``_MODE_TOPK``, ``scan_lists``) or counts / writes its results within the radius
-(``_MODE_COUNT`` then ``_MODE_FILL``, ``range_scan_lists``). ``_run_part`` is the nogil entry
+(``_MODE_COUNT`` then ``_MODE_FILL``, ``range_scan_lists``). Its micro-kernel half,
+``_centred_pairs``, works on rows already prepared (centred) in a buffer, which is how
+``_codecs`` runs decoded scalar-quantized lists through it. ``_run_part`` is the nogil entry
 point over one thread's share of the lists; ``_range_layout`` and ``_range_sort_part`` lay out
 and sort the range results per query.
 """
@@ -115,6 +117,25 @@ def _process_list(j, mode, xq, xb, ids, list_offsets, centers, group_offsets, gr
     xn = np.empty(npad, dtype=np.float32)
     c = centers[j]
     _prepare_rows(xb, lo, nmax, c, is_ip, Xc, xn)
+    _centred_pairs(mode, xq, Xc, xn, c, lo, n, g0, g1, ids, group_queries, group_slots,
+                   group_limits, valid, has_valid, k, is_ip, hd, hi, sk, si, D, I, radius,
+                   counts, starts, Dr, Ir)
+
+
+@njit(cache=True)
+def _centred_pairs(mode, xq, Xc, xn, c, lo, n, g0, g1, ids, group_queries, group_slots,
+                   group_limits, valid, has_valid, k, is_ip, hd, hi, sk, si, D, I, radius,
+                   counts, starts, Dr, Ir):
+    """The micro-kernel path of a list of ``n`` vectors (ids and mask from ``lo``): the keys of
+    pairs ``g0..g1`` against the prepared rows ``Xc`` (an even number of rows, at least each
+    pair's limit, zero padded; centred on ``c`` with norms ``xn`` for l2, the vectors as they
+    are for ip, as ``_prepare_rows`` writes them), six pairs per ``_kernel_6x2`` call, each row
+    handed to ``_consume``. ``scan_lists_sq`` feeds it decoded rows.
+
+    Peak memory: ``_ROWS`` rows of ``Xc.shape[0]`` keys and ``_ROWS`` x d scaled queries.
+    """
+    d = xq.shape[1]
+    npad = Xc.shape[0]
     QB = np.zeros((_ROWS, d), dtype=np.float32)
     qnb = np.zeros(_ROWS, dtype=np.float32)
     S = np.empty((_ROWS, npad), dtype=np.float32)
