@@ -156,6 +156,15 @@ def client_context(workers: int | None = None, scheduler: str | None = None,
 
 # --------------------------------------------------------------------------- working with futures
 
+def broadcast(client, data):
+    """Put ``data`` on every worker once for the tasks of this job; returns its future.
+
+    Never content-addressed (``hash=False``): two jobs broadcasting equal data (the same
+    centroids twice) would share one key, and the release of the first job's future could
+    drop the data under the second ("lost dependencies")."""
+    return client.scatter(data, broadcast=True, hash=False)
+
+
 def tree_reduce(client, futures: list, fn, fan_in: int = 2):
     """Reduce futures pairwise on the workers with ``fn``; returns one future (nothing
     reaches the client but the final result, when the caller asks for it)."""

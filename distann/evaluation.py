@@ -39,7 +39,7 @@ def brute_force_knn(source, queries, k: int, metric: str = "l2", *, client=None,
     (nq x chunk) distances in blocks. Returns ``(D, I)`` of shape (nq, k), best first.
     """
     from distann.chunks import plan_chunks
-    from distann.cluster import client_context, tree_reduce
+    from distann.cluster import broadcast, client_context, tree_reduce
     from distann.codecs.metric import for_metric, kernel_metric
     from distann.sources import as_source
     from distann.validation import check_k, check_metric, check_queries
@@ -52,7 +52,7 @@ def brute_force_knn(source, queries, k: int, metric: str = "l2", *, client=None,
     kmetric = kernel_metric(metric)
     chunk_rows = chunk_rows or config.get("build.chunk-rows")
     with client_context(workers=workers, scheduler=scheduler, client=client) as c:
-        qf = c.scatter(xq, broadcast=True)
+        qf = broadcast(c, xq)
         parts = [c.submit(_chunk_knn, src, ch.start, ch.stop, qf, k, metric, backend, pure=False)
                  for ch in plan_chunks(src.n, chunk_rows)]
         return tree_reduce(c, parts, functools.partial(_merge_pair, k=k, metric=kmetric, backend=backend)).result()

@@ -18,7 +18,7 @@ recall = distann.recall_at_k
 
 faiss = pytest.importorskip("faiss")
 
-N, D, NQ, NLIST, K = 8000, 32, 50, 16, 10
+N, D, NQ, NLIST, K = 10240, 32, 50, 16, 10  # 40 points per PQ centroid: no training warning
 OPTS = dict(niter=10, chunk_rows=2000, shard_bytes=32 * 1024)
 SPECS = ["IVF16,SQ8", "IVF16,SQfp16", "IVF16,PQ8", "IVF16,PQ16x6", "OPQ8,IVF16,PQ8", "PCAR16,IVF16,SQ8",
          "RR32,IVF16,Flat", "IVF16,PQ8,RFlat"]

@@ -28,7 +28,7 @@ from distann import config
 from distann.builder.plan import build_key, plan_shards
 from distann.builder.tasks import AddContext, add_chunk, first_duplicate, merge_shard, scan_ids, split_sorted
 from distann.chunks import ChunkTask, plan_chunks
-from distann.cluster import check_cluster_args, client_context, tree_reduce, wait_all
+from distann.cluster import broadcast, check_cluster_args, client_context, tree_reduce, wait_all
 from distann.codecs.pipeline import CodecPipeline
 from distann.codecs.pq import PQQuantizer
 from distann.codecs.spec import parse_spec
@@ -141,8 +141,8 @@ def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2"
             timings["train_s"] = time.perf_counter() - t0
             # ---- add: shard over ids
             t0 = time.perf_counter()
-            cf = c.scatter(centroids, broadcast=True)
-            pf = c.scatter(codec, broadcast=True)
+            cf = broadcast(c, centroids)
+            pf = broadcast(c, codec)
             adds = [c.submit(add_chunk, ctx, ch, src, ids_src, cf, pf, pure=False) for ch in chunks]
             wait_all(adds, "add", progress, gather=False)  # per-chunk counts are reduced on the workers
             list_sizes, skipped_chunks = tree_reduce(

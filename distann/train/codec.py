@@ -18,7 +18,7 @@ import logging
 
 import numpy as np
 
-from distann.cluster import tree_reduce
+from distann.cluster import broadcast, tree_reduce
 from distann.codecs.pipeline import CodecPipeline
 from distann.codecs.pq import PQQuantizer
 from distann.codecs.transforms import OPQ_MAX_TRAIN, OPQTransform, PCATransform
@@ -88,14 +88,14 @@ def train_pipeline(client, pipeline: CodecPipeline, blocks: list, sizes: np.ndar
             t.fit_moments(n, s1, s2)
         elif t.needs_training:
             t.train(_subsample(client, blocks, sizes, OPQ_MAX_TRAIN, [seed, 0x0A, i]), seed)
-        tf = client.scatter(t, broadcast=True)
+        tf = broadcast(client, t)
         blocks = [client.submit(_apply, tf, b, pure=False) for b in blocks]
         log.debug("trained pre-transform %s", t.kind)
     km = train_on_blocks(client, blocks, sizes, nlist, niter=niter, spherical=pipeline.metric != "l2",
                          init=init, seed=seed, progress=progress)
     q = pipeline.quantizer
     if q.needs_training:
-        cf = client.scatter(km.centroids, broadcast=True)
+        cf = broadcast(client, km.centroids)
         resid = [client.submit(_residuals, b, cf, pipeline.metric != "l2", q.by_residual, pure=False) for b in blocks]
         if isinstance(q, PQQuantizer):
             x = _subsample(client, resid, sizes, q.train_size, [seed, 0x0B])

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from distann.cluster import tree_reduce
+from distann.cluster import broadcast, tree_reduce
 from distann.errors import ValidationError
 from distann.validation import INITS  # noqa: F401 - part of this module's interface
 
@@ -222,7 +222,7 @@ def initialize(client, blocks, sizes: np.ndarray, k: int, init: str, seed: int) 
     live = [(b, s) for b, s in zip(blocks, sizes) if s > 0]
     first = gather_rows(client, blocks, sizes, rng.choice(n, size=1))
     cand = [first]
-    new = client.scatter(first, broadcast=True)
+    new = broadcast(client, first)
     mind = [client.submit(kpar_update, b, new, None, pure=False) for b, _ in live]
     ell = _KPAR_OVERSAMPLE * k
     for r in range(_KPAR_ROUNDS):
@@ -234,13 +234,13 @@ def initialize(client, blocks, sizes: np.ndarray, k: int, init: str, seed: int) 
             break
         cand.append(picked)
         if r < _KPAR_ROUNDS - 1:
-            new = client.scatter(picked, broadcast=True)
+            new = broadcast(client, picked)
             mind = [client.submit(kpar_update, b, new, m, pure=False) for (b, _), m in zip(live, mind)]
     cand_x = np.concatenate(cand)
     if len(cand_x) < k:  # too few candidates: top up with random sample points
         extra = gather_rows(client, blocks, sizes, rng.choice(n, size=k - len(cand_x), replace=False))
         cand_x = np.concatenate([cand_x, extra])
-    cf = client.scatter(cand_x, broadcast=True)
+    cf = broadcast(client, cand_x)
     w = tree_reduce(client, [client.submit(kpar_weights, b, cf, pure=False) for b, _ in live], np.add).result()
     return weighted_kmeanspp(cand_x, np.maximum(w, 0) + 1e-12, k, rng)
 
@@ -266,7 +266,7 @@ def train_on_blocks(client, blocks: list, sizes: np.ndarray, k: int, *, niter: i
         from tqdm.auto import tqdm
         bar = tqdm(total=niter, desc="k-means", unit="iter")
     for it in range(niter):
-        cf = client.scatter(centroids, broadcast=True)
+        cf = broadcast(client, centroids)
         parts = [client.submit(block_stats, b, cf, spherical, pure=False) for b, s in zip(blocks, sizes) if s > 0]
         sums, counts, obj = tree_reduce(client, parts, add_stats).result()
         objective.append(obj)
