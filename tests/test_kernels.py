@@ -368,3 +368,40 @@ def test_exact_knn_empty(backend):
     D, I = backend.exact_knn(np.ones((2, 3), np.float32), np.zeros((0, 3), np.float32),
                              np.zeros(0, np.int64), 4, "l2")
     assert D.shape == (2, 4) and np.all(I == -1) and np.all(D == np.inf)
+
+
+# --------------------------------------------------------------------------------------------
+# assign / kmeans_stats (the k-means and add-stage GEMMs)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("kind", ["normal", "offset", "dups"])
+def test_assign_and_kmeans_stats_match_reference(backend, metric, kind):
+    """Labels equal the reference's except where two centroids are within float32 rounding of
+    each other (then both must really be that close); sums and counts follow the labels; the
+    objective agrees to float32 accuracy of the scores (rtol 1e-4 on sums of 4100 terms)."""
+    rng = np.random.default_rng([len(metric), len(kind)])
+    x = _vectors(rng, 4100, 19, kind)  # more than two 2048-row GEMM blocks
+    c = _vectors(rng, 37, 19, kind)
+    c[5] = c[4]  # an exact tie: the smaller index must win
+    labels, ref = backend.assign(x, c, metric), REF.assign(x, c, metric)
+    assert labels.dtype == np.int64 and labels.shape == (4100,)
+    diff = np.flatnonzero(labels != ref)
+    dist = x.astype(np.float64) @ c.astype(np.float64).T if metric == "ip" else \
+        ((x.astype(np.float64)[:, None, :] - c.astype(np.float64)[None]) ** 2).sum(-1)
+    atol = ATOL_FRACTION * _scale(x, c, metric)
+    assert np.allclose(dist[diff, labels[diff]], dist[diff, ref[diff]], atol=atol, rtol=RTOL)
+    assert not (labels == 5).any()  # the tie with centroid 4 goes to 4
+    sums, counts, obj = backend.kmeans_stats(x, c, metric)
+    rs, rc, robj = REF.kmeans_stats(x, c, metric)
+    np.testing.assert_array_equal(counts, np.bincount(labels, minlength=37))
+    expect = np.zeros((37, 19))
+    np.add.at(expect, labels, x.astype(np.float64))
+    # rows may be centred in float32 before they are summed: one rounding (2^-24 relative, of
+    # at most 2 max|x|) per row added
+    tol = 2.0 ** -24 * 2 * np.abs(x).max() * counts[:, None] + 1e-9
+    assert (np.abs(sums - expect) <= tol).all()
+    assert obj == pytest.approx(robj, rel=1e-4, abs=atol * len(x))
+    if not len(diff):
+        np.testing.assert_array_equal(counts, rc)

@@ -106,8 +106,9 @@ def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2"
                                "(distann never deletes files it did not write)")
     chunks = plan_chunks(src.n, chunk_rows)
     q = codec.quantizer
+    backend = config.get("kernels.backend")
     ctx = AddContext(loc, gen, ispec.nlist, metric != "l2", q.code_dtype.str, q.code_width,
-                     src.d if codec.refine else 0)
+                     src.d if codec.refine else 0, backend)
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     with GenerationLease.acquire(loc, committed + 1, config.get("build.lease-seconds"),
@@ -134,7 +135,7 @@ def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2"
                 if not resumed:
                     _start_generation(loc, gen, key)
                 km, mse = train_pipeline(c, codec, blocks, sizes, ispec.nlist, niter=niter, init=init, seed=seed,
-                                         progress=progress)
+                                         progress=progress, backend=backend)
                 del blocks
                 centroids, objective = km.centroids, km.objective
                 _save_trained(loc, gen, codec, centroids, objective, mse)

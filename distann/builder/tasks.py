@@ -45,6 +45,7 @@ class AddContext:
     code_dtype: str
     code_width: int
     raw_d: int  # dimension of the raw vectors kept for RFlat, 0 without
+    backend: str = "numba"  # kernel backend of the assignment
 
 
 def add_chunk(ctx: AddContext, chunk: ChunkTask, source, ids_source, centroids: np.ndarray,
@@ -61,7 +62,7 @@ def add_chunk(ctx: AddContext, chunk: ChunkTask, source, ids_source, centroids: 
     y = codec.transform(x_raw)
     ids = (np.arange(chunk.start, chunk.stop, dtype=np.int64) if ids_source is None
            else ids_source.read(chunk.start, chunk.stop))
-    assign = nearest(y, centroids, spherical=ctx.spherical)
+    assign = nearest(y, centroids, ctx.spherical, ctx.backend)
     order, offsets = list_order(assign, ctx.nlist)
     codes = codec.encode(y[order], assign[order], centroids)
     del y

@@ -100,6 +100,16 @@ class KernelBackend(Protocol):
         """``scan_lists`` on product-quantized lists by asymmetric distance computation: a lookup
         table per (query, list) pair, then M table lookups per code (see "Compressed lists")."""
 
+    def assign(self, x: np.ndarray, centroids: np.ndarray, metric: str) -> np.ndarray:
+        """Index of the nearest centroid of every row (l2) or of the largest inner product (ip),
+        ties to the smaller index: the add stage's and the codecs' assignment."""
+
+    def kmeans_stats(self, x: np.ndarray, centroids: np.ndarray,
+                     metric: str) -> tuple[np.ndarray, np.ndarray, float]:
+        """One Lloyd step over ``x``: per-centroid sums (float64 (k, d)), counts (int64 (k,)) of
+        the rows assigned as by ``assign``, and the objective: the sum of squared distances to
+        the assigned centroid (l2) or of inner products with it (ip)."""
+
     def exact_knn(self, xq: np.ndarray, xb: np.ndarray, ids: np.ndarray, k: int,
                   metric: str) -> tuple[np.ndarray, np.ndarray]:
         """Brute-force kNN of ``xq`` against one block ``xb`` (N, d) with ids: (nq, k), best first, padded."""

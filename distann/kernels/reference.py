@@ -214,3 +214,27 @@ def scan_lists_pq(xq: np.ndarray, codes: np.ndarray, ids: np.ndarray, list_offse
         _add_centers(xb, list_offsets, centers)
     return scan_lists(xq, xb, ids, list_offsets, centers, group_offsets, group_queries,
                       group_slots, group_limits, valid, nprobe, k, metric)
+
+
+def assign(x: np.ndarray, centroids: np.ndarray, metric: str) -> np.ndarray:
+    """Nearest centroid (l2) / largest inner product (ip) of every row, ties to the smaller index."""
+    is_ip = _check_metric(metric)
+    labels = np.empty(len(x), dtype=np.int64)
+    idx = np.arange(len(centroids), dtype=np.int64)
+    for i in range(len(x)):
+        labels[i] = idx[_order(_distances(x[i], centroids, is_ip), idx, is_ip)[0]] if len(idx) else -1
+    return labels
+
+
+def kmeans_stats(x: np.ndarray, centroids: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray, float]:
+    """Per-centroid sums (float64), counts and objective of the rows of ``x`` assigned by ``assign``."""
+    is_ip = _check_metric(metric)
+    labels = assign(x, centroids, metric)
+    k, d = centroids.shape
+    sums = np.zeros((k, d), dtype=np.float64)
+    np.add.at(sums, labels, x.astype(np.float64))
+    counts = np.bincount(labels, minlength=k).astype(np.int64)
+    own = centroids[labels].astype(np.float64)
+    x64 = x.astype(np.float64)
+    obj = float((x64 * own).sum()) if is_ip else float(((x64 - own) ** 2).sum())
+    return sums, counts, obj

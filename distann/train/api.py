@@ -83,4 +83,4 @@ def kmeans(source, k: int, *, niter: int = 25, metric: str = "l2", init: str = "
         blocks, sizes, _ = collect_sample(c, src, plan_chunks(src.n, chunk_rows), n_sample, seed,
                                           metric == "cosine", progress)
         return train_on_blocks(c, blocks, sizes, k, niter=niter, spherical=metric != "l2",
-                               init=init, seed=seed, progress=progress)
+                               init=init, seed=seed, progress=progress, backend=config.get("kernels.backend"))

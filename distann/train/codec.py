@@ -53,10 +53,11 @@ def _apply(transform, block: np.ndarray) -> np.ndarray:
     return transform.apply(aligned(block))
 
 
-def _residuals(block: np.ndarray, centroids: np.ndarray, spherical: bool, by_residual: bool) -> np.ndarray:
+def _residuals(block: np.ndarray, centroids: np.ndarray, spherical: bool, by_residual: bool,
+               backend: str) -> np.ndarray:
     if not by_residual:
         return block
-    return np.ascontiguousarray(block - centroids[nearest(block, centroids, spherical)], dtype=np.float32)
+    return np.ascontiguousarray(block - centroids[nearest(block, centroids, spherical, backend)], dtype=np.float32)
 
 
 def _range(block: np.ndarray):
@@ -75,7 +76,7 @@ def _subsample(client, blocks, sizes: np.ndarray, m: int, seed) -> np.ndarray:
 
 
 def train_pipeline(client, pipeline: CodecPipeline, blocks: list, sizes: np.ndarray, nlist: int, *, niter: int,
-                   init: str, seed: int, progress: bool = False) -> tuple[KMeansResult, float]:
+                   init: str, seed: int, progress: bool = False, backend: str = "numba") -> tuple[KMeansResult, float]:
     """Train ``pipeline`` (in place) and the coarse quantizer on the sample ``blocks`` (futures of
     the metric-transformed sample, ``sizes`` rows each). Returns the k-means result (centroids
     in the IVF space) and the reconstruction MSE of the whole pipeline on a subsample, measured
@@ -92,11 +93,12 @@ def train_pipeline(client, pipeline: CodecPipeline, blocks: list, sizes: np.ndar
         blocks = [client.submit(_apply, tf, b, pure=False) for b in blocks]
         log.debug("trained pre-transform %s", t.kind)
     km = train_on_blocks(client, blocks, sizes, nlist, niter=niter, spherical=pipeline.metric != "l2",
-                         init=init, seed=seed, progress=progress)
+                         init=init, seed=seed, progress=progress, backend=backend)
     q = pipeline.quantizer
     if q.needs_training:
         cf = broadcast(client, km.centroids)
-        resid = [client.submit(_residuals, b, cf, pipeline.metric != "l2", q.by_residual, pure=False) for b in blocks]
+        resid = [client.submit(_residuals, b, cf, pipeline.metric != "l2", q.by_residual, backend, pure=False)
+                 for b in blocks]
         if isinstance(q, PQQuantizer):
             x = _subsample(client, resid, sizes, q.train_size, [seed, 0x0B])
             books = client.gather([client.submit(PQQuantizer.train_subspace, q.subspace(x, m), q.ksub, [seed, m],
@@ -106,16 +108,16 @@ def train_pipeline(client, pipeline: CodecPipeline, blocks: list, sizes: np.ndar
             lo, hi = tree_reduce(client, [client.submit(_range, r, pure=False) for r in resid], _merge_range).result()
             q.set_range(lo, hi)
         log.debug("trained quantizer %s", q.kind)
-    mse = _reconstruction_mse(client, pipeline, km.centroids, raw_blocks, blocks, sizes, seed)
+    mse = _reconstruction_mse(client, pipeline, km.centroids, raw_blocks, sizes, seed, backend)
     return km, mse
 
 
-def _reconstruction_mse(client, pipeline: CodecPipeline, centroids: np.ndarray, raw_blocks, blocks,
-                        sizes: np.ndarray, seed: int) -> float:
+def _reconstruction_mse(client, pipeline: CodecPipeline, centroids: np.ndarray, raw_blocks, sizes: np.ndarray,
+                        seed: int, backend: str) -> float:
     n = int(sizes.sum())
     positions = np.random.default_rng([seed, 0x3E]).choice(n, size=min(n, MSE_SAMPLE), replace=False)
     x = gather_rows(client, raw_blocks, sizes, positions)
     y = pipeline.transform(x)
-    assign = nearest(y, centroids, pipeline.metric != "l2")
+    assign = nearest(y, centroids, pipeline.metric != "l2", backend)
     rec = pipeline.reconstruct(pipeline.encode(y, assign, centroids), assign, centroids)
     return float(((rec.astype(np.float64) - x) ** 2).sum(axis=1).mean())

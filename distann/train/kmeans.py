@@ -29,7 +29,6 @@ from distann.validation import INITS  # noqa: F401 - part of this module's inter
 log = logging.getLogger(__name__)
 
 MIN_POINTS_PER_CENTROID = 39
-_SUB = 2048            # rows per distance sub-block: a (2048 x k) float32 score block stays in cache
 _SPLIT_EPS = 1.0 / 1024.0
 _KPAR_ROUNDS = 5
 _KPAR_OVERSAMPLE = 2.0  # candidates drawn per round, in multiples of k (Bahmani et al.: 0.5-2)
@@ -65,34 +64,12 @@ def aligned(x: np.ndarray) -> np.ndarray:
     return np.require(x, requirements=["C", "A"])
 
 
-def block_stats(block: np.ndarray, centroids: np.ndarray, spherical: bool):
-    """Per-centroid (sums float64 (k, d), counts int64 (k,), objective) of one sample block.
+def block_stats(block: np.ndarray, centroids: np.ndarray, spherical: bool, backend: str = "numba"):
+    """Per-centroid (sums float64 (k, d), counts int64 (k,), objective) of one sample block, by
+    the kernel backend's ``kmeans_stats`` (peak memory: its (2048 x k) score block)."""
+    from distann.kernels import get_backend
 
-    Peak memory: one (2048 x k) float32 score matrix.
-    """
-    from distann.train._assign import assign_accumulate
-
-    block, centroids = aligned(block), aligned(centroids)
-    k, d = centroids.shape
-    sums = np.zeros((k, d), dtype=np.float64)
-    counts = np.zeros(k, dtype=np.int64)
-    obj = 0.0
-    c_norms = np.einsum("ij,ij->i", centroids, centroids)
-    ct = np.ascontiguousarray(centroids.T)
-    scores = np.empty((min(_SUB, len(block)), k), dtype=np.float32)  # reused: see _scores_into
-    for s in range(0, len(block), _SUB):
-        x = block[s:s + _SUB]
-        obj += assign_accumulate(_scores_into(x, ct, scores), c_norms, x, spherical, sums, counts)
-    return sums, counts, obj
-
-
-def _scores_into(x: np.ndarray, ct: np.ndarray, buf: np.ndarray) -> np.ndarray:
-    """``x @ ct`` into a reused buffer. Dask workers set MALLOC_TRIM_THRESHOLD_, which turns
-    off glibc's adaptive mmap threshold: a fresh multi-MB array per block would be mmapped and
-    page-faulted every time, costing about a third of the GEMM."""
-    out = buf[:len(x)]
-    np.matmul(x, ct, out=out)
-    return out
+    return get_backend(backend).kmeans_stats(aligned(block), aligned(centroids), "ip" if spherical else "l2")
 
 
 def add_stats(a, b):
@@ -103,22 +80,16 @@ def take_rows(block: np.ndarray, local: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(block[local])
 
 
-def _min_sqdist(x: np.ndarray, c: np.ndarray) -> np.ndarray:
-    from distann.train._assign import min_sqdist
-
-    out = np.empty(len(x), dtype=np.float32)
-    c_norms = np.einsum("ij,ij->i", c, c)
-    ct = np.ascontiguousarray(c.T)
-    buf = np.empty((min(_SUB, len(x)), len(c)), dtype=np.float32)
-    for s in range(0, len(x), _SUB):
-        xs = x[s:s + _SUB]
-        min_sqdist(_scores_into(xs, ct, buf), c_norms, np.einsum("ij,ij->i", xs, xs), out[s:s + _SUB])
-    return out
+def _min_sqdist(x: np.ndarray, c: np.ndarray, backend: str = "numba") -> np.ndarray:
+    """Squared distance of every row to its nearest center (k-means|| weights)."""
+    near = c[nearest(x, c, False, backend)]
+    return np.einsum("ij,ij->i", x - near, x - near).astype(np.float32)
 
 
-def kpar_update(block: np.ndarray, new_centers: np.ndarray, mind: np.ndarray | None) -> np.ndarray:
+def kpar_update(block: np.ndarray, new_centers: np.ndarray, mind: np.ndarray | None,
+                backend: str = "numba") -> np.ndarray:
     block, new_centers = aligned(block), aligned(new_centers)
-    d2 = _min_sqdist(block, new_centers) if len(new_centers) else np.full(len(block), np.inf, np.float32)
+    d2 = _min_sqdist(block, new_centers, backend) if len(new_centers) else np.full(len(block), np.inf, np.float32)
     return d2 if mind is None else np.minimum(mind, d2)
 
 
@@ -128,24 +99,16 @@ def kpar_pick(block: np.ndarray, mind: np.ndarray, ell: float, phi: float, seed)
     return np.ascontiguousarray(block[rng.random(len(block)) < p])
 
 
-def nearest(x: np.ndarray, centroids: np.ndarray, spherical: bool) -> np.ndarray:
-    """Index of the nearest centroid of every row (l2) or of the largest inner product (ip).
+def nearest(x: np.ndarray, centroids: np.ndarray, spherical: bool, backend: str = "numba") -> np.ndarray:
+    """Index of the nearest centroid of every row (l2) or of the largest inner product (ip), by
+    the kernel backend's ``assign`` (peak memory: its (2048 x k) score block)."""
+    from distann.kernels import get_backend
 
-    Peak memory: one (2048 x k) float32 score block besides the labels."""
-    from distann.train._assign import assign_labels
-
-    x, centroids = aligned(x), aligned(centroids)
-    labels = np.empty(len(x), dtype=np.int64)
-    c_norms = np.einsum("ij,ij->i", centroids, centroids)
-    ct = np.ascontiguousarray(centroids.T)
-    buf = np.empty((min(_SUB, len(x)), len(centroids)), dtype=np.float32)
-    for s in range(0, len(x), _SUB):
-        assign_labels(_scores_into(x[s:s + _SUB], ct, buf), c_norms, spherical, labels[s:s + _SUB])
-    return labels
+    return get_backend(backend).assign(aligned(x), aligned(centroids), "ip" if spherical else "l2")
 
 
-def kpar_weights(block: np.ndarray, cand: np.ndarray) -> np.ndarray:
-    return np.bincount(nearest(block, cand, False), minlength=len(cand)).astype(np.int64)
+def kpar_weights(block: np.ndarray, cand: np.ndarray, backend: str = "numba") -> np.ndarray:
+    return np.bincount(nearest(block, cand, False, backend), minlength=len(cand)).astype(np.int64)
 
 
 def _sum(x: np.ndarray) -> float:
@@ -209,7 +172,7 @@ def gather_rows(client, blocks, sizes: np.ndarray, positions: np.ndarray) -> np.
     return np.concatenate(client.gather(parts))
 
 
-def initialize(client, blocks, sizes: np.ndarray, k: int, init: str, seed: int) -> np.ndarray:
+def initialize(client, blocks, sizes: np.ndarray, k: int, init: str, seed: int, backend: str = "numba") -> np.ndarray:
     n = int(sizes.sum())
     rng = np.random.default_rng([seed, 0x1417])
     if init == "random":
@@ -223,7 +186,7 @@ def initialize(client, blocks, sizes: np.ndarray, k: int, init: str, seed: int) 
     first = gather_rows(client, blocks, sizes, rng.choice(n, size=1))
     cand = [first]
     new = broadcast(client, first)
-    mind = [client.submit(kpar_update, b, new, None, pure=False) for b, _ in live]
+    mind = [client.submit(kpar_update, b, new, None, backend, pure=False) for b, _ in live]
     ell = _KPAR_OVERSAMPLE * k
     for r in range(_KPAR_ROUNDS):
         phi = sum(client.gather([client.submit(_sum, m, pure=False) for m in mind]))
@@ -235,19 +198,21 @@ def initialize(client, blocks, sizes: np.ndarray, k: int, init: str, seed: int) 
         cand.append(picked)
         if r < _KPAR_ROUNDS - 1:
             new = broadcast(client, picked)
-            mind = [client.submit(kpar_update, b, new, m, pure=False) for (b, _), m in zip(live, mind)]
+            mind = [client.submit(kpar_update, b, new, m, backend, pure=False) for (b, _), m in zip(live, mind)]
     cand_x = np.concatenate(cand)
     if len(cand_x) < k:  # too few candidates: top up with random sample points
         extra = gather_rows(client, blocks, sizes, rng.choice(n, size=k - len(cand_x), replace=False))
         cand_x = np.concatenate([cand_x, extra])
     cf = broadcast(client, cand_x)
-    w = tree_reduce(client, [client.submit(kpar_weights, b, cf, pure=False) for b, _ in live], np.add).result()
+    w = tree_reduce(client, [client.submit(kpar_weights, b, cf, backend, pure=False) for b, _ in live],
+                    np.add).result()
     return weighted_kmeanspp(cand_x, np.maximum(w, 0) + 1e-12, k, rng)
 
 
 def train_on_blocks(client, blocks: list, sizes: np.ndarray, k: int, *, niter: int, spherical: bool,
-                    init: str, seed: int, progress: bool = False) -> KMeansResult:
-    """Lloyd iterations over sample blocks already on the workers."""
+                    init: str, seed: int, progress: bool = False, backend: str = "numba") -> KMeansResult:
+    """Lloyd iterations over sample blocks already on the workers; ``backend`` names the kernel
+    backend whose ``kmeans_stats`` runs the assignment on the workers."""
     n = int(sizes.sum())
     if n < k:
         raise ValidationError("k", k, f"at most the number of training vectors ({n})")
@@ -255,7 +220,7 @@ def train_on_blocks(client, blocks: list, sizes: np.ndarray, k: int, *, niter: i
         warnings.warn(f"k-means: {n} training points for {k} centroids is fewer than "
                       f"{MIN_POINTS_PER_CENTROID} per centroid; the centroids may be poor",
                       TrainingWarning, stacklevel=3)
-    centroids = initialize(client, blocks, sizes, k, init, seed)
+    centroids = initialize(client, blocks, sizes, k, init, seed, backend)
     if spherical:
         centroids = _normalize(centroids)
     rng = np.random.default_rng([seed, 0xE4])
@@ -267,7 +232,8 @@ def train_on_blocks(client, blocks: list, sizes: np.ndarray, k: int, *, niter: i
         bar = tqdm(total=niter, desc="k-means", unit="iter")
     for it in range(niter):
         cf = broadcast(client, centroids)
-        parts = [client.submit(block_stats, b, cf, spherical, pure=False) for b, s in zip(blocks, sizes) if s > 0]
+        parts = [client.submit(block_stats, b, cf, spherical, backend, pure=False)
+                 for b, s in zip(blocks, sizes) if s > 0]
         sums, counts, obj = tree_reduce(client, parts, add_stats).result()
         objective.append(obj)
         log.debug("k-means iteration %d/%d: objective %.6g", it + 1, niter, obj)

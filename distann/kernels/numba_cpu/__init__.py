@@ -65,6 +65,7 @@ import numpy as np
 
 from distann.errors import ValidationError
 from distann.kernels.numba_cpu._arith import _DIRECT_MAX_ROWS, _ROWS, _prepare_rows
+from distann.kernels.numba_cpu._assign import assign_accumulate, assign_labels
 from distann.kernels.numba_cpu._balancing import _plan_parts
 from distann.kernels.numba_cpu._coarse_merge_exact import (
     _EXACT_QBLOCK,
@@ -407,3 +408,61 @@ def exact_knn(xq: np.ndarray, xb: np.ndarray, ids: np.ndarray, k: int,
         _parallel(_merge_part, min(nthreads, nq), PD.reshape(nq, nch * k),
                   PI.reshape(nq, nch * k), k, is_ip, D, I)
     return D, I
+
+
+# ------------------------------------------------------------------ assignment (k-means, add stage)
+
+_ASSIGN_BLOCK = 2048
+"""Rows per assignment GEMM: a (2048 x k) float32 score block stays in cache."""
+
+
+def _scores_into(x: np.ndarray, ct: np.ndarray, buf: np.ndarray) -> np.ndarray:
+    """``x @ ct`` into a reused buffer. Dask workers set MALLOC_TRIM_THRESHOLD_, which turns
+    off glibc's adaptive mmap threshold: a fresh multi-MB array per block would be mmapped and
+    page-faulted every time, costing about a third of the GEMM."""
+    out = buf[:len(x)]
+    np.matmul(x, ct, out=out)
+    return out
+
+
+def _assign_operands(x: np.ndarray, centroids: np.ndarray, is_ip: bool):
+    """Operands of the assignment GEMM. For l2 both sides are centred near the centroids
+    (``_centre_of``): distances are unchanged and ||c||^2 - 2<x, c> no longer cancels on offset
+    data (Faiss FAQ). Returns (x, centroids^T, ||c||^2, score buffer, centre)."""
+    x = np.require(x, dtype=np.float32, requirements=["C", "A"])
+    centroids = np.require(centroids, dtype=np.float32, requirements=["C", "A"])
+    mu = np.zeros(centroids.shape[1], dtype=np.float32) if is_ip or len(centroids) == 0 else _centre_of(centroids)
+    if mu.any():
+        x, centroids = x - mu, centroids - mu
+    c_norms = np.einsum("ij,ij->i", centroids, centroids)
+    buf = np.empty((min(_ASSIGN_BLOCK, max(len(x), 1)), len(centroids)), dtype=np.float32)
+    return x, np.ascontiguousarray(centroids.T), c_norms, buf, mu
+
+
+def assign(x: np.ndarray, centroids: np.ndarray, metric: str) -> np.ndarray:
+    """Nearest centroid of every row (l2) or largest inner product (ip), ties to the smaller
+    index: a BLAS GEMM per 2048-row block, then one fused Numba pass over the scores.
+    Peak extra memory: a centred copy of ``x`` (l2) and one (2048 x k) float32 score block."""
+    is_ip = _check_metric(metric)
+    x, ct, c_norms, buf, _ = _assign_operands(x, centroids, is_ip)
+    labels = np.empty(len(x), dtype=np.int64)
+    for s in range(0, len(x), _ASSIGN_BLOCK):
+        assign_labels(_scores_into(x[s:s + _ASSIGN_BLOCK], ct, buf), c_norms, is_ip, labels[s:s + _ASSIGN_BLOCK])
+    return labels
+
+
+def kmeans_stats(x: np.ndarray, centroids: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray, float]:
+    """One Lloyd step's statistics of ``x``: per-centroid sums (float64 (k, d)), counts (int64)
+    and the objective (sum of squared distances to the assigned centroid, l2; sum of inner
+    products with it, ip). Peak extra memory: as ``assign``, plus the sums."""
+    is_ip = _check_metric(metric)
+    x, ct, c_norms, buf, mu = _assign_operands(x, centroids, is_ip)
+    k, d = centroids.shape
+    sums = np.zeros((k, d), dtype=np.float64)
+    counts = np.zeros(k, dtype=np.int64)
+    obj = 0.0
+    for s in range(0, len(x), _ASSIGN_BLOCK):
+        xs = x[s:s + _ASSIGN_BLOCK]
+        obj += assign_accumulate(_scores_into(xs, ct, buf), c_norms, xs, is_ip, sums, counts)
+    sums += counts[:, None] * mu.astype(np.float64)[None, :]  # the sums of the uncentred rows
+    return sums, counts, obj

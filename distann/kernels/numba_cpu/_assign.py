@@ -1,4 +1,4 @@
-"""Numba loops fused after the assignment GEMM (training and the add stage).
+"""Numba loops fused after the assignment GEMM: the backend's ``assign`` and ``kmeans_stats``.
 
 NumPy would make three passes over the (rows x k) score matrix (scale, add norms, argmin)
 plus a sort to accumulate per-centroid sums; these loops make one pass that LLVM vectorizes
@@ -67,11 +67,3 @@ def assign_accumulate(dots, c_norms, x, spherical, sums, counts):
             xn += v * v
         obj += -np.float64(best) if spherical else max(np.float64(best) + xn, 0.0)
     return obj
-
-
-@njit(cache=True, nogil=True)
-def min_sqdist(dots, c_norms, x_norms, out):
-    """out[i] = min_j ||x_i - c_j||^2 from scores ``dots`` = x @ c.T (clamped at 0)."""
-    tmp = np.empty(dots.shape[1], dtype=np.float32)
-    for i in range(dots.shape[0]):
-        out[i] = max(np.float64(_row_scores(dots, c_norms, i, False, tmp)) + x_norms[i], 0.0)
