@@ -15,8 +15,9 @@ key                            default      meaning
                                             expires this long after its last renewal (see
                                             ``distann.store.lease``)
 ``distann.cluster.connect-timeout`` 10      seconds to wait for ``--scheduler ADDRESS``
-``distann.search.cache-bytes`` 0            byte budget of the in-memory inverted-list cache
-                                            (0: no cache)
+``distann.search.cache-bytes`` ``"auto"``   byte budget of the in-memory inverted-list cache
+                                            (0: none; ``"auto"``: 1/8 of the machine's memory);
+                                            an index that fits is loaded whole at its first search
 ``distann.search.batch-size``  16384        queries searched together in one batch
 ``distann.kernels.backend``    ``"numba"``  kernel backend (see ``distann.kernels``)
 =============================  ===========  ==================================================
@@ -76,7 +77,7 @@ DEFAULTS: dict[str, Any] = {
     "distann": {
         "build": {"chunk-rows": 65536, "shard-bytes": 32 * 2**20, "lease-seconds": 60},
         "cluster": {"connect-timeout": 10},
-        "search": {"cache-bytes": 0, "batch-size": 16384},
+        "search": {"cache-bytes": "auto", "batch-size": 16384},
         "kernels": {"backend": "numba"},
     }
 }
@@ -94,7 +95,7 @@ _TUNABLE_CHECKS: dict[str, Callable[[str, object], Any]] = {
     "build.shard-bytes": check_positive_int,
     "build.lease-seconds": check_positive_int,
     "cluster.connect-timeout": check_positive_int,
-    "search.cache-bytes": check_nonnegative_int,
+    "search.cache-bytes": lambda key, value: value if value == "auto" else check_nonnegative_int(key, value),
     "search.batch-size": check_positive_int,
     "kernels.backend": _tunable_name,
 }

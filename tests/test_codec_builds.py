@@ -127,7 +127,7 @@ def test_filters_and_max_codes(built, data, spec):
 @pytest.mark.parametrize("spec", SPECS)
 def test_streaming_equals_resident(built, data, spec):
     _, _, xq = data
-    streamed = distann.open_index(built[spec].url)
+    streamed = distann.open_index(built[spec].url, cache_bytes=0)
     resident = distann.open_index(built[spec].url).load()
     for a, b in zip(streamed.search(xq, k=K, nprobe=4), resident.search(xq, k=K, nprobe=4)):
         np.testing.assert_array_equal(a, b)

@@ -196,7 +196,7 @@ def test_kind_from_filename(tmp_path):
 def test_tunable_defaults():
     assert config.get("build.chunk-rows") == 65536
     assert config.get("build.shard-bytes") == 32 * 2**20
-    assert config.get("search.cache-bytes") == 0
+    assert config.get("search.cache-bytes") == "auto"
     assert config.get("search.batch-size") == 16384
     assert config.get("kernels.backend") == "numba"
     # prefix optional, underscores accepted
@@ -208,7 +208,7 @@ def test_tunable_dask_config_set():
     with dask.config.set({"distann.search.cache-bytes": 2**30, "distann.kernels.backend": "numpy"}):
         assert config.get("search.cache-bytes") == 2**30
         assert config.get("kernels.backend") == "numpy"
-    assert config.get("search.cache-bytes") == 0
+    assert config.get("search.cache-bytes") == "auto"
 
 
 def test_tunable_validation():

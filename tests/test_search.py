@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import distann
+from distann.errors import ValidationError
 from tests.ann_helpers import assert_same_neighbours, brute_force, dataset, exact_scores
 
 N, D, NQ, NLIST = 5000, 20, 40, 16
@@ -71,6 +72,23 @@ def test_cache_serves_repeated_batches(indexes, data):
     D3, I3 = big.search(xq[:2], k=5, nprobe=2)
     assert big.lists.resident is not None
     np.testing.assert_array_equal(I1, I3)
+
+
+def test_default_cache_makes_repeated_searches_read_nothing(indexes, data):
+    """Without any tuning (cache "auto": 1/8 of the memory), an index that fits is loaded at the
+    first search and later searches read nothing from the store."""
+    _, xq = data
+    index = distann.open_index(indexes["l2"].url)
+    assert index.lists.cache_bytes > index.lists.nbytes
+    first = index.search(xq[:1], k=5, nprobe=2)
+    reads = index.lists.stats.reads
+    for q in range(1, 5):
+        index.search(xq[q:q + 1], k=5, nprobe=2)
+    assert index.lists.stats.reads == reads and index.lists.resident is not None
+    np.testing.assert_array_equal(first[1], distann.open_index(indexes["l2"].url, cache_bytes=0).search(
+        xq[:1], k=5, nprobe=2)[1])
+    with pytest.raises(ValidationError, match="cache_bytes: received -1"):
+        distann.open_index(indexes["l2"].url, cache_bytes=-1)
 
 
 @pytest.mark.parametrize("metric", ["l2", "ip", "cosine"])

@@ -26,8 +26,8 @@ from distann.search.plan import ProbePlan, expand_to_all_lists, plan_probes
 from distann.store.arrays import CheckedStore, StoredArray, checksum
 from distann.store.location import Location
 from distann.store.manifest import Manifest, read_manifest
-from distann.validation import (check_ids_allowed, check_k, check_max_codes, check_nprobe, check_positive_int,
-                                check_queries, check_radius, ids_mask)
+from distann.validation import (check_ids_allowed, check_k, check_max_codes, check_nonnegative_int, check_nprobe,
+                                check_positive_int, check_queries, check_radius, ids_mask)
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,15 @@ class SearchParams:
     k_factor: int = 4
 
 
-def open_index(url: str, *, storage_options: dict | None = None, cache_bytes: int | None = None) -> "Index":
-    """Open the committed index at ``url`` (IndexFormatError if there is none or it is unreadable)."""
+def open_index(url: str, *, storage_options: dict | None = None, cache_bytes: int | str | None = None) -> "Index":
+    """Open the committed index at ``url`` (IndexFormatError if there is none or it is unreadable).
+
+    ``cache_bytes``: memory for lists read by searches (default ``distann.search.cache-bytes``,
+    ``"auto"``: 1/8 of the machine's memory; 0: none). An index that fits is loaded whole at its
+    first search; a larger one keeps its most recently searched lists.
+    """
+    if cache_bytes is not None and cache_bytes != "auto":
+        check_nonnegative_int("cache_bytes", cache_bytes)
     if isinstance(url, os.PathLike):
         url = os.fspath(url)
     if not isinstance(url, str) or not url:
@@ -73,6 +80,10 @@ class Index:
             raise IndexFormatError(f"{loc.url}: quantizer arrays do not match the manifest (corrupt index)")
         if cache_bytes is None:
             cache_bytes = config.get("search.cache-bytes")
+        if cache_bytes == "auto":
+            import psutil
+
+            cache_bytes = psutil.virtual_memory().total // 8
         row_bytes = self.codec.code_size + 8 + (4 * self.d if self.codec.refine else 0)
         self.lists = ListStore(self.store, manifest, self.list_sizes, row_bytes, cache_bytes, raw=self.codec.refine)
         self.defaults = SearchParams()

@@ -86,6 +86,18 @@ class ShardReader:
         return ListRows(self.codes.read(r0, r1), self.ids.read(r0, r1).astype(np.int64, copy=False),
                         offsets - r0, raw)
 
+    def read_lists(self, lists: np.ndarray) -> ListRows:
+        """Lists ``lists`` (ascending global numbers, not necessarily consecutive) in one call per
+        array: the chunks they touch are read once each, concurrently."""
+        base = self.entry.list_start
+        starts, stops = self.offsets[lists - base], self.offsets[lists - base + 1]
+        sizes = stops - starts
+        offsets = np.zeros(len(lists) + 1, dtype=np.int64)
+        np.cumsum(sizes, out=offsets[1:])
+        rows = np.repeat(starts - offsets[:-1], sizes) + np.arange(offsets[-1], dtype=np.int64)
+        raw = self.raw.take(rows) if self.raw is not None else None
+        return ListRows(self.codes.take(rows), self.ids.take(rows).astype(np.int64, copy=False), offsets, raw)
+
     def read_all(self) -> ListRows:
         return self.read(self.entry.list_start, self.entry.list_stop)
 
