@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from distann.builder.plan import build_key, list_order, plan_shards
-from distann.store.shards import chunk_rows_for_codes
+from distann.store.shards import chunk_rows
 from distann.chunks import plan_chunks
 from distann.search.plan import expand_to_all_lists, plan_probes
 
@@ -45,9 +45,15 @@ def test_list_order_is_stable_and_offsets_match():
     assert offsets.tolist() == [0, 2, 3, 6, 6]
 
 
-def test_chunk_rows_power_of_two():
-    assert chunk_rows_for_codes(384) == 2048
-    assert chunk_rows_for_codes(1 << 22) == 256
+def test_chunk_rows_even_and_near_the_target():
+    assert chunk_rows(10_000, 384) == 2500            # 3.84 MB in 4 chunks of 2500 rows: no padding
+    assert chunk_rows(3000, 1 << 22) == 256            # at least 256 rows a chunk
+    assert chunk_rows(100, 8) == 100 and chunk_rows(0, 8) == 1
+    for n, row in [(1_000_003, 16), (262_145, 8), (77_777, 256)]:
+        rows = chunk_rows(n, row)
+        nchunks = -(-n // rows)
+        assert rows * row <= (1 << 20) * 1.01 or rows == 256
+        assert nchunks * rows - n < nchunks  # the padding of the last chunk: under a row a chunk
 
 
 def test_build_key_depends_on_every_input():

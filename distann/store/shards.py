@@ -26,27 +26,28 @@ from distann.store.manifest import ShardEntry
 ARRAYS = ("offsets", "codes", "ids", "raw")
 
 
-def chunk_rows_for_codes(code_size: int, target_bytes: int = 1 << 20) -> int:
-    """Rows per Zarr chunk of a codes array: a power of two near ``target_bytes`` (>= 256 rows).
+def chunk_rows(n: int, row_bytes: int, target_bytes: int = 1 << 20) -> int:
+    """Rows per Zarr chunk of an ``n``-row array: chunks of about ``target_bytes`` (at least 256
+    rows), all of nearly the same size, so the padded last chunk (Zarr stores edge chunks whole)
+    wastes less than one row per chunk instead of up to a whole chunk.
 
     Small chunks let a search read little more than the probed lists.
     """
-    rows = max(1, target_bytes // max(1, code_size))
-    return max(256, 1 << (int(rows).bit_length() - 1))
+    nchunks = max(1, -(-(n * row_bytes) // target_bytes))
+    return max(1, min(n, max(256, -(-n // nchunks))))
 
 
 def write_shard(store: Store, path: str, offsets: np.ndarray, codes: np.ndarray, ids: np.ndarray,
                 raw: np.ndarray | None = None) -> str:
     """Write one shard's arrays under ``path``; returns its checksum (CRC-32 over offsets, ids,
     codes and raw, in that order)."""
-    rows = chunk_rows_for_codes(codes.shape[1] * codes.dtype.itemsize)
+    n = len(ids)
     write_array(store, f"{path}/offsets", offsets, (max(1, len(offsets)),))
-    write_array(store, f"{path}/ids", ids, (max(1, min(len(ids), rows * 4)),))
-    write_array(store, f"{path}/codes", codes, (max(1, min(len(codes), rows)), codes.shape[1]))
+    write_array(store, f"{path}/ids", ids, (chunk_rows(n, 8),))
+    write_array(store, f"{path}/codes", codes, (chunk_rows(n, codes.shape[1] * codes.dtype.itemsize), codes.shape[1]))
     parts = [offsets, ids, codes]
     if raw is not None:
-        raw_rows = chunk_rows_for_codes(raw.shape[1] * 4)
-        write_array(store, f"{path}/raw", raw, (max(1, min(len(raw), raw_rows)), raw.shape[1]))
+        write_array(store, f"{path}/raw", raw, (chunk_rows(n, raw.shape[1] * 4), raw.shape[1]))
         parts.append(raw)
     return checksum(parts)
 
