@@ -381,3 +381,31 @@ def test_pyproject_license_is_an_spdx_string():
 
     meta = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     assert meta["project"]["license"] == "Apache-2.0"  # the table form is deprecated by setuptools
+
+
+def test_compressed_index_through_the_command_line(data, tmp_path, capsys):
+    """Every command works with a codec spec: build, info (the codec and its error), search with
+    --k-factor, range search, verify and eval."""
+    url = str(tmp_path / "pq.zarr")
+    assert run(["build", data["base"], url, "--spec", "PCAR8,IVF4,PQ4x4,RFlat", "--workers", "2",
+                "--niter", "4"]) == 0
+    capsys.readouterr()
+    assert run(["info", url]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["codec"]["spec"] == "PCAR8,IVF4,PQ4x4,RFlat" and info["code_size"] == 4 and info["codec"]["mse"] > 0
+    out = tmp_path / "r.npz"
+    hits = {}
+    for factor in ("1", "20"):
+        assert run(["search", url, data["queries"], "--k", str(K), "--nprobe", "4", "--k-factor", factor,
+                    "--out", str(out)]) == 0
+        with np.load(out) as res:
+            xb, xq = np.load(data["base"]), np.load(data["queries"])
+            exact = ((xq[:, None, :].astype(np.float64) - xb[res["I"]]) ** 2).sum(-1)
+            np.testing.assert_allclose(res["D"], exact, rtol=1e-5, atol=1e-5)  # RFlat: exact distances
+            hits[factor] = np.mean([len(set(a) & set(b)) for a, b in zip(res["I"], data["gt"])])
+    assert hits["20"] > hits["1"] + 0.5  # re-ranking 20 k candidates finds far more true neighbours
+    assert run(["search", url, data["queries"], "--radius", "1e9", "--nprobe", "1", "--out", str(out)]) == 0
+    assert run(["verify", url]) == 0
+    assert run(["eval", url, data["queries"], "--gt", data["gt_npy"], "--k", str(K), "--nprobe", "1", "4",
+                "--k-factor", "20"]) == 0
+    assert "verified" in capsys.readouterr().out
