@@ -77,3 +77,13 @@ def wait_for_staged_chunks(proc, url: str, generation: int, count: int, timeout:
             break
         time.sleep(0.05)
     assert proc.poll() is None, "the build ended before it could be stopped"
+
+
+def set_fault(client, value: str | None) -> None:
+    """Arm (``"add:c000003"``) or clear (None) the build's private fault hook on every worker."""
+    def setter(v=value):
+        if v is None:
+            os.environ.pop("DISTANN_FAIL_TASK", None)
+        else:
+            os.environ["DISTANN_FAIL_TASK"] = v
+    client.run(setter)

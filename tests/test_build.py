@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
@@ -12,7 +11,7 @@ import distann
 from distann.builder.tasks import InjectedFault
 from distann.errors import IndexFormatError, ValidationError
 from distann.sources import ArraySource
-from tests.ann_helpers import assert_same_neighbours, brute_force, dataset
+from tests.ann_helpers import assert_same_neighbours, brute_force, dataset, set_fault
 
 N, D, NQ, NLIST = 6000, 24, 60, 32
 OPTS = dict(niter=10, chunk_rows=1000, shard_bytes=64 * 1024)  # 6 add tasks, several shards
@@ -149,18 +148,8 @@ def _index_arrays(url):
     """Every array the manifest names, by role (paths differ between generations)."""
     index = distann.open_index(url)
     block = index.lists.load_all()
-    xb, ids, offsets = block.codes, block.ids, block.offsets
-    return {"centroids": index.centroids, "list_sizes": index.list_sizes, "xb": xb, "ids": ids,
+    return {"centroids": index.centroids, "list_sizes": index.list_sizes, "xb": block.codes, "ids": block.ids,
             "shards": [(s.list_start, s.list_stop, s.ntotal, s.checksum) for s in index.manifest.shards]}
-
-
-def _set_fault(client, value):
-    def setter(v=value):
-        if v is None:
-            os.environ.pop("DISTANN_FAIL_TASK", None)
-        else:
-            os.environ["DISTANN_FAIL_TASK"] = v
-    client.run(setter)
 
 
 @pytest.mark.parametrize("fault", ["add:c000003", "merge:s000001"])
@@ -171,12 +160,12 @@ def test_resume_after_failure_gives_the_clean_index(client, data, tmp_path, faul
     clean = str(tmp_path / "clean.zarr")
     distann.build(src, clean, spec=f"IVF{NLIST},Flat", client=client, **OPTS)
     url = str(tmp_path / "resumed.zarr")
-    _set_fault(client, fault)
+    set_fault(client, fault)
     try:
         with pytest.raises(InjectedFault):
             distann.build(src, url, spec=f"IVF{NLIST},Flat", client=client, **OPTS)
     finally:
-        _set_fault(client, None)
+        set_fault(client, None)
     with pytest.raises(IndexFormatError, match="no committed index"):
         distann.open_index(url)
     resumed = distann.build(src, url, spec=f"IVF{NLIST},Flat", client=client, **OPTS)
@@ -200,12 +189,12 @@ def test_failed_rebuild_leaves_committed_index_readable(client, data, tmp_path):
     url = str(tmp_path / "idx.zarr")
     first = distann.build(src, url, spec="IVF16,Flat", client=client, **OPTS)
     D0, I0 = first.search(xq, k=10, nprobe=4)
-    _set_fault(client, "merge:s000000")
+    set_fault(client, "merge:s000000")
     try:
         with pytest.raises(InjectedFault):
             distann.build(src, url, spec=f"IVF{NLIST},Flat", client=client, overwrite=True, **OPTS)
     finally:
-        _set_fault(client, None)
+        set_fault(client, None)
     again = distann.open_index(url)
     assert again.nlist == 16
     D1, I1 = again.search(xq, k=10, nprobe=4)

@@ -12,7 +12,7 @@ import pytest
 import distann
 from distann.builder.tasks import InjectedFault
 from distann.errors import IndexFormatError, ValidationError
-from tests.ann_helpers import brute_force, dataset
+from tests.ann_helpers import brute_force, dataset, set_fault
 
 recall = distann.recall_at_k
 
@@ -177,26 +177,17 @@ def test_reconstruct_refuses_unknown_ids(built):
         built["IVF16,SQ8"].reconstruct(np.array([1, 99999]))
 
 
-def _set_fault(client, value):
-    def setter(v=value):
-        if v is None:
-            os.environ.pop("DISTANN_FAIL_TASK", None)
-        else:
-            os.environ["DISTANN_FAIL_TASK"] = v
-    client.run(setter)
-
-
 @pytest.mark.parametrize("spec, fault", [("OPQ8,IVF16,PQ8,RFlat", "add:c000002"), ("PCAR16,IVF16,SQ8", "merge:s000001")])
 def test_killed_and_resumed_build_equals_a_clean_one(client, data, tmp_path, spec, fault):
     root, _, xq = data
     src = str(root / "base.npy")
     clean = distann.build(src, str(tmp_path / "clean.zarr"), spec=spec, client=client, **OPTS)
-    _set_fault(client, fault)
+    set_fault(client, fault)
     try:
         with pytest.raises(InjectedFault):
             distann.build(src, str(tmp_path / "r.zarr"), spec=spec, client=client, **OPTS)
     finally:
-        _set_fault(client, None)
+        set_fault(client, None)
     resumed = distann.build(src, str(tmp_path / "r.zarr"), spec=spec, client=client, **OPTS)
     assert resumed.manifest.build["resumed_chunks"] >= 1
     a, b = clean.lists.load_all(), resumed.lists.load_all()

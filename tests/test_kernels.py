@@ -405,3 +405,32 @@ def test_assign_and_kmeans_stats_match_reference(backend, metric, kind):
     assert obj == pytest.approx(robj, rel=1e-4, abs=atol * len(x))
     if not len(diff):
         np.testing.assert_array_equal(counts, rc)
+
+
+@pytest.mark.parametrize("mod", [REF] + [get_backend(n) for n in BACKENDS], ids=lambda m: m.name)
+@pytest.mark.parametrize("metric", METRICS)
+def test_scan_into_out_by_parts_equals_one_scan(mod, metric):
+    """Scanning the lists of a batch in two parts (as shard after shard) into one ``out`` gives
+    exactly the one-call result: each (query, probe) slot belongs to the list its probe names."""
+    rng = np.random.default_rng([7, len(metric)])
+    b = Batch(rng, SIZES, 13, 23, 3)
+    whole = b.scan(mod, 5, metric)
+    out = (np.full(whole[0].shape, -np.inf if metric == "ip" else np.inf, np.float32),
+           np.full(whole[1].shape, -1, np.int64))
+    for l0, l1 in ((0, 4), (4, len(SIZES))):
+        r0, r1 = b.list_offsets[l0], b.list_offsets[l1]
+        g0, g1 = b.group_offsets[l0], b.group_offsets[l1]
+        got = mod.scan_lists(b.xq, b.xb[r0:r1], b.ids[r0:r1], b.list_offsets[l0:l1 + 1] - r0, b.centers[l0:l1],
+                             b.group_offsets[l0:l1 + 1] - g0, b.group_queries[g0:g1], b.group_slots[g0:g1],
+                             b.group_limits[g0:g1], b.valid, b.nprobe, 5, metric, out=out)
+        assert got[0] is out[0] and got[1] is out[1]
+    np.testing.assert_array_equal(out[1], whole[1])
+    np.testing.assert_array_equal(out[0], whole[0])
+
+
+def test_scan_refuses_a_wrong_out(backend):
+    b = Batch(np.random.default_rng(3), SIZES, 5, 4, 2)
+    with pytest.raises(ValidationError, match="out"):
+        backend.scan_lists(b.xq, b.xb, b.ids, b.list_offsets, b.centers, b.group_offsets, b.group_queries,
+                           b.group_slots, b.group_limits, b.valid, 2, 5, "l2",
+                           out=(np.zeros((4, 2, 4), np.float32), np.zeros((4, 2, 4), np.int64)))

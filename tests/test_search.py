@@ -138,8 +138,7 @@ def test_max_codes_limits_the_scan(indexes, data):
     got = I[0][I[0] >= 0]
     assert len(got) == budget                            # exactly the budget was scanned
     block = index.lists.load_all()
-    xs, ids, offsets = block.codes, block.ids, block.offsets
-    members = ids[offsets[first]:offsets[first + 1]]
+    members = block.ids[block.offsets[first]:block.offsets[first + 1]]
     assert set(got) <= set(members[:budget].tolist())    # the leading vectors of the best list
 
 

@@ -68,12 +68,14 @@ class PQQuantizer(Quantizer):
     def set_codebooks(self, codebooks: np.ndarray) -> None:
         self.codebooks = np.ascontiguousarray(codebooks, dtype=np.float32).reshape(self.m, self.ksub, self.dsub)
 
-    def encode(self, x: np.ndarray) -> np.ndarray:
-        from distann.train.kmeans import nearest
+    def encode(self, x: np.ndarray, backend: str = "numba") -> np.ndarray:
+        """Each sub-vector's nearest centroid, by the kernel backend's ``assign``."""
+        from distann.kernels import get_backend
 
+        kern = get_backend(backend)
         codes = np.empty((len(x), self.m), dtype=np.uint8)
         for m in range(self.m):
-            codes[:, m] = nearest(self.subspace(x, m), self.codebooks[m], False)
+            codes[:, m] = kern.assign(self.subspace(x, m), self.codebooks[m], "l2")
         return codes
 
     def decode(self, codes: np.ndarray) -> np.ndarray:

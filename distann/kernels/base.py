@@ -65,12 +65,16 @@ class KernelBackend(Protocol):
     def scan_lists(self, xq: np.ndarray, xb: np.ndarray, ids: np.ndarray, list_offsets: np.ndarray,
                    centers: np.ndarray, group_offsets: np.ndarray, group_queries: np.ndarray,
                    group_slots: np.ndarray, group_limits: np.ndarray, valid: np.ndarray,
-                   nprobe: int, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+                   nprobe: int, k: int, metric: str, out=None) -> tuple[np.ndarray, np.ndarray]:
         """List-major kNN scan of a batch.
 
         Returns per-(query, probe) partial results ``(D, I)`` of shape (nq, nprobe, k): slot
         ``[q, s]`` holds the best ``k`` of the pair (q, s), best first and padded; slots of
-        pairs not present in the groups are all padding.
+        pairs not present in the groups are all padding. With ``out`` (a padded ``(D, I)``
+        pair of that shape) the results are written into it and only the slots of the pairs
+        present are touched, so consecutive calls on different lists of the same batch (one
+        shard after another) fill one output: each slot belongs to the one list its probe
+        names. ``scan_lists_sq`` and ``scan_lists_pq`` take ``out`` the same way.
         """
 
     def merge_topk(self, D: np.ndarray, I: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
@@ -90,13 +94,14 @@ class KernelBackend(Protocol):
                       centers: np.ndarray, sq_kind: int, vmin: np.ndarray, vdiff: np.ndarray, by_residual: bool,
                       group_offsets: np.ndarray, group_queries: np.ndarray, group_slots: np.ndarray,
                       group_limits: np.ndarray, valid: np.ndarray, nprobe: int, k: int,
-                      metric: str) -> tuple[np.ndarray, np.ndarray]:
+                      metric: str, out=None) -> tuple[np.ndarray, np.ndarray]:
         """``scan_lists`` on scalar-quantized lists (see "Compressed lists")."""
 
     def scan_lists_pq(self, xq: np.ndarray, codes: np.ndarray, ids: np.ndarray, list_offsets: np.ndarray,
                       centers: np.ndarray, codebooks: np.ndarray, by_residual: bool, group_offsets: np.ndarray,
                       group_queries: np.ndarray, group_slots: np.ndarray, group_limits: np.ndarray,
-                      valid: np.ndarray, nprobe: int, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+                      valid: np.ndarray, nprobe: int, k: int, metric: str,
+                      out=None) -> tuple[np.ndarray, np.ndarray]:
         """``scan_lists`` on product-quantized lists by asymmetric distance computation: a lookup
         table per (query, list) pair, then M table lookups per code (see "Compressed lists")."""
 

@@ -76,11 +76,11 @@ def _pair_candidates(xq, xb, ids, list_offsets, group_offsets, group_queries, gr
 def scan_lists(xq: np.ndarray, xb: np.ndarray, ids: np.ndarray, list_offsets: np.ndarray,
                centers: np.ndarray, group_offsets: np.ndarray, group_queries: np.ndarray,
                group_slots: np.ndarray, group_limits: np.ndarray, valid: np.ndarray,
-               nprobe: int, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
-    """Per-(query, probe) top-``k``, shape (nq, nprobe, k). ``centers`` is not needed here:
-    float64 direct differences do not suffer from cancellation."""
+               nprobe: int, k: int, metric: str, out=None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-(query, probe) top-``k``, shape (nq, nprobe, k) (into ``out`` when given). ``centers``
+    is not needed here: float64 direct differences do not suffer from cancellation."""
     is_ip = _check_metric(metric)
-    D, I = _pad((xq.shape[0], nprobe, k), is_ip)
+    D, I = out if out is not None else _pad((xq.shape[0], nprobe, k), is_ip)
     for j in range(len(list_offsets) - 1):
         for g in range(int(group_offsets[j]), int(group_offsets[j + 1])):
             dist, cid = _pair_candidates(xq, xb, ids, list_offsets, group_offsets, group_queries,
@@ -173,14 +173,14 @@ def scan_lists_sq(xq: np.ndarray, codes: np.ndarray, ids: np.ndarray, list_offse
                   centers: np.ndarray, sq_kind: int, vmin: np.ndarray, vdiff: np.ndarray,
                   by_residual: bool, group_offsets: np.ndarray, group_queries: np.ndarray,
                   group_slots: np.ndarray, group_limits: np.ndarray, valid: np.ndarray,
-                  nprobe: int, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+                  nprobe: int, k: int, metric: str, out=None) -> tuple[np.ndarray, np.ndarray]:
     """``scan_lists`` on the float64 reconstruction of scalar-quantized lists."""
     _check_metric(metric)
     xb = _reconstruct_sq(codes, int(sq_kind), vmin, vdiff)
     if by_residual:
         _add_centers(xb, list_offsets, centers)
     return scan_lists(xq, xb, ids, list_offsets, centers, group_offsets, group_queries,
-                      group_slots, group_limits, valid, nprobe, k, metric)
+                      group_slots, group_limits, valid, nprobe, k, metric, out)
 
 
 def _reconstruct_pq(codes: np.ndarray, codebooks: np.ndarray, d: int) -> np.ndarray:
@@ -205,7 +205,7 @@ def scan_lists_pq(xq: np.ndarray, codes: np.ndarray, ids: np.ndarray, list_offse
                   centers: np.ndarray, codebooks: np.ndarray, by_residual: bool,
                   group_offsets: np.ndarray, group_queries: np.ndarray, group_slots: np.ndarray,
                   group_limits: np.ndarray, valid: np.ndarray, nprobe: int, k: int,
-                  metric: str) -> tuple[np.ndarray, np.ndarray]:
+                  metric: str, out=None) -> tuple[np.ndarray, np.ndarray]:
     """``scan_lists`` on the float64 reconstruction of product-quantized lists (the reference
     reconstructs; fast backends use lookup tables, which give the same distances)."""
     _check_metric(metric)
@@ -213,7 +213,7 @@ def scan_lists_pq(xq: np.ndarray, codes: np.ndarray, ids: np.ndarray, list_offse
     if by_residual:
         _add_centers(xb, list_offsets, centers)
     return scan_lists(xq, xb, ids, list_offsets, centers, group_offsets, group_queries,
-                      group_slots, group_limits, valid, nprobe, k, metric)
+                      group_slots, group_limits, valid, nprobe, k, metric, out)
 
 
 def assign(x: np.ndarray, centroids: np.ndarray, metric: str) -> np.ndarray:

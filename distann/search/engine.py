@@ -57,18 +57,31 @@ class Probes:
     group_limits: np.ndarray
 
 
-def _scan(kern: ModuleType, pipeline: CodecPipeline, xq: np.ndarray, block: ListBlock, centers: np.ndarray,
-          probes: Probes, valid: np.ndarray, ids: np.ndarray, nprobe: int, k: int, kmetric: str):
+def partials(nq: int, nprobe: int, k: int, kmetric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Empty per-(query, probe) results (nq, nprobe, k), padded, for :func:`scan`'s ``out``."""
+    return (np.full((nq, nprobe, k), -np.inf if kmetric == "ip" else np.inf, dtype=np.float32),
+            np.full((nq, nprobe, k), -1, dtype=np.int64))
+
+
+def scan(kern: ModuleType, pipeline: CodecPipeline, xq: np.ndarray, block: ListBlock, centers: np.ndarray,
+         probes: Probes, valid: np.ndarray, nprobe: int, k: int, *, ids: np.ndarray | None = None,
+         out=None) -> tuple[np.ndarray, np.ndarray]:
+    """The codec's list-major scan of the block: per-(query, probe) top-``k`` (nq, nprobe, k),
+    into ``out`` when given (so the blocks of one batch, shard after shard, fill one output).
+    ``ids`` replaces the block's ids in the results (RFlat asks for row positions)."""
     q = pipeline.quantizer
+    kmetric = kernel_metric(pipeline.metric)
+    ids = block.ids if ids is None else ids
     groups = (probes.group_offsets, probes.group_queries, probes.group_slots, probes.group_limits)
     if q.kind == "Flat":
-        return kern.scan_lists(xq, block.codes, ids, block.offsets, centers, *groups, valid, nprobe, k, kmetric)
+        return kern.scan_lists(xq, block.codes, ids, block.offsets, centers, *groups, valid, nprobe, k, kmetric,
+                               out=out)
     if q.kind == "PQ":
         return kern.scan_lists_pq(xq, block.codes, ids, block.offsets, centers, q.codebooks, q.by_residual,
-                                  *groups, valid, nprobe, k, kmetric)
+                                  *groups, valid, nprobe, k, kmetric, out=out)
     return kern.scan_lists_sq(xq, block.codes, ids, block.offsets, centers, q.sq_kind,
                               getattr(q, "vmin", np.empty(0, np.float32)), getattr(q, "vdiff", np.empty(0, np.float32)),
-                              q.by_residual, *groups, valid, nprobe, k, kmetric)
+                              q.by_residual, *groups, valid, nprobe, k, kmetric, out=out)
 
 
 def knn(kern: ModuleType, pipeline: CodecPipeline, xq: np.ndarray, block: ListBlock, centers: np.ndarray,
@@ -84,11 +97,11 @@ def knn(kern: ModuleType, pipeline: CodecPipeline, xq: np.ndarray, block: ListBl
     kmetric = kernel_metric(pipeline.metric)
     nq = len(xq)
     if not pipeline.refine:
-        Dp, Ip = _scan(kern, pipeline, xq, block, centers, probes, valid, block.ids, nprobe, k, kmetric)
+        Dp, Ip = scan(kern, pipeline, xq, block, centers, probes, valid, nprobe, k)
         return kern.merge_topk(Dp.reshape(nq, -1), Ip.reshape(nq, -1), k, kmetric)
     kc = k * k_factor
     positions = np.arange(len(block.ids), dtype=np.int64)  # candidates by row, to find their raw vectors
-    Dp, Pp = _scan(kern, pipeline, xq, block, centers, probes, valid, positions, nprobe, kc, kmetric)
+    Dp, Pp = scan(kern, pipeline, xq, block, centers, probes, valid, nprobe, kc, ids=positions)
     _, P = kern.merge_topk(Dp.reshape(nq, -1), Pp.reshape(nq, -1), kc, kmetric)
     return rerank(kern, block, P, xq_raw, k, kmetric)
 

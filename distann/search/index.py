@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -209,11 +210,16 @@ class Index:
         for s in range(0, nq, step):
             yield s, min(nq, s + step)
 
-    def _lists_for(self, plan: ProbePlan, allowed):
-        """(block, centers of its lists, probes grouped by its lists, valid mask) for the engine."""
+    def _resident(self) -> bool:
+        """Whether the lists are in memory (loading them if the cache covers the whole index)."""
         if self.lists.resident is None and self.lists.cache_bytes >= self.lists.nbytes > 0:
             self.lists.load_all()
-        if self.lists.resident is not None:
+        return self.lists.resident is not None
+
+    def _lists_for(self, plan: ProbePlan, allowed):
+        """(block, centers of its lists, probes grouped by its lists, valid mask) for the engine:
+        every probed list of the batch in one block."""
+        if self._resident():
             block = self.lists.resident
             centers, groups = self.centroids, expand_to_all_lists(plan, self.nlist)
         else:
@@ -222,6 +228,30 @@ class Index:
         valid = ids_mask(block.ids, allowed) if allowed is not None else np.empty(0, np.uint8)
         probes = engine.Probes(groups, plan.group_queries, plan.group_slots, plan.group_limits)
         return block, centers, probes, valid
+
+    def _shard_blocks(self, plan: ProbePlan, allowed):
+        """The probed lists of a batch shard by shard, as (block, centers, probes, valid), the
+        next shard read in a background thread while the caller scans the current one: a
+        streamed batch costs about max(read, scan) and holds two shards' probed lists at most."""
+        shard_of = np.searchsorted(self.lists.shard_starts, plan.lists, side="right") - 1
+        cuts = np.flatnonzero(np.diff(shard_of)) + 1
+        bounds = list(zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(plan.lists)]])))
+
+        def read(a: int, b: int):
+            lists = plan.lists[a:b]
+            block = self.lists.fetch(lists)
+            g0, g1 = plan.group_offsets[a], plan.group_offsets[b]
+            probes = engine.Probes(plan.group_offsets[a:b + 1] - g0, plan.group_queries[g0:g1],
+                                   plan.group_slots[g0:g1], plan.group_limits[g0:g1])
+            valid = ids_mask(block.ids, allowed) if allowed is not None else np.empty(0, np.uint8)
+            return block, np.ascontiguousarray(self.centroids[lists]), probes, valid
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="distann-prefetch") as pool:
+            pending = pool.submit(read, *bounds[0]) if bounds else None
+            for nxt in bounds[1:] + [None]:
+                current = pending.result()
+                pending = pool.submit(read, *nxt) if nxt is not None else None
+                yield current
 
     def _coarse(self, kern, q: np.ndarray, nprobe: int, max_codes: int | None) -> ProbePlan:
         _, probes = kern.coarse_quantize(q, self.centroids, nprobe, kernel_metric(self.metric))
@@ -246,12 +276,19 @@ class Index:
         nq = len(xq)
         D = np.empty((nq, k), dtype=np.float32)
         I = np.empty((nq, k), dtype=np.int64)
+        kmetric = kernel_metric(self.metric)
         for s, e in self._batches(nq, per_query_bytes=nprobe * kc * 12):  # (nprobe, k') float32 + int64
             q = np.ascontiguousarray(xq[s:e])
             plan = self._coarse(kern, q, nprobe, max_codes)
-            block, centers, probes, valid = self._lists_for(plan, allowed)
-            D[s:e], I[s:e] = engine.knn(kern, self.codec, q, block, centers, probes, valid, nprobe, k,
-                                        xq_raw=xq_raw[s:e], k_factor=k_factor)
+            if self._resident() or self.codec.refine:  # RFlat re-ranks by row of one block
+                block, centers, probes, valid = self._lists_for(plan, allowed)
+                D[s:e], I[s:e] = engine.knn(kern, self.codec, q, block, centers, probes, valid, nprobe, k,
+                                            xq_raw=xq_raw[s:e], k_factor=k_factor)
+                continue
+            out = engine.partials(len(q), nprobe, k, kmetric)
+            for block, centers, probes, valid in self._shard_blocks(plan, allowed):
+                engine.scan(kern, self.codec, q, block, centers, probes, valid, nprobe, k, out=out)
+            D[s:e], I[s:e] = kern.merge_topk(out[0].reshape(len(q), -1), out[1].reshape(len(q), -1), k, kmetric)
         return D, I
 
     def range_search(self, xq, radius: float, nprobe: int | None = None, *, max_codes: int | None = None,

@@ -52,7 +52,7 @@ class ListStore:
         self.cache_bytes = int(cache_bytes)
         self.raw = raw
         self.stats = ReadStats()
-        self._shard_starts = np.array([s.list_start for s in manifest.shards], dtype=np.int64)
+        self.shard_starts = np.array([s.list_start for s in manifest.shards], dtype=np.int64)
         self._shards: dict[int, ShardReader] = {}
         self._cache: OrderedDict[int, ListRows] = OrderedDict()
         self._cached_bytes = 0
@@ -113,7 +113,7 @@ class ListStore:
             elif self.list_sizes[lst] > 0:
                 missing.append(lst)
         if missing:
-            shard_of = np.searchsorted(self._shard_starts, missing, side="right") - 1
+            shard_of = np.searchsorted(self.shard_starts, missing, side="right") - 1
             for s in np.unique(shard_of):
                 for lst, rows in self._read_shard(int(s), [m for m, t in zip(missing, shard_of) if t == s]):
                     got[lst] = rows

@@ -194,6 +194,21 @@ def coarse_quantize(xq: np.ndarray, centroids: np.ndarray, nprobe: int,
     return D, I
 
 
+def _scan_outputs(nq: int, nprobe, k, is_ip: bool, out):
+    """(nprobe, k, D and I of shape (nq, nprobe, k): ``out`` or new padded arrays, whether
+    there is nothing to scan)."""
+    nprobe, k = int(nprobe), int(k)
+    if out is None:
+        D, I = _padded((nq, nprobe, k), is_ip)
+    else:
+        D, I = out
+        if D.shape != (nq, nprobe, k) or I.shape != D.shape or D.dtype != np.float32 or I.dtype != np.int64 \
+                or not (D.flags.c_contiguous and I.flags.c_contiguous):
+            raise ValidationError("out", (D.shape, I.shape), f"C-contiguous float32 / int64 arrays of shape "
+                                                             f"{(nq, nprobe, k)}")
+    return nprobe, k, D, I, nq == 0 or nprobe <= 0 or k <= 0
+
+
 def _batch_parts(list_offsets: np.ndarray, group_offsets: np.ndarray, d: int):
     """Lists of the batch balanced over the threads (one part when the batch is small)."""
     return _plan_parts(list_offsets, group_offsets, d, _nthreads(), float(_SERIAL_WORK))
@@ -202,17 +217,15 @@ def _batch_parts(list_offsets: np.ndarray, group_offsets: np.ndarray, d: int):
 def scan_lists(xq: np.ndarray, xb: np.ndarray, ids: np.ndarray, list_offsets: np.ndarray,
                centers: np.ndarray, group_offsets: np.ndarray, group_queries: np.ndarray,
                group_slots: np.ndarray, group_limits: np.ndarray, valid: np.ndarray,
-               nprobe: int, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+               nprobe: int, k: int, metric: str, out=None) -> tuple[np.ndarray, np.ndarray]:
     """List-major kNN scan of a batch: per-(query, probe) top-``k``, shape (nq, nprobe, k).
 
     Peak extra memory: the (nq, nprobe, k) outputs plus, per thread, one centred list
     ((n + 1) x d float32) and 4 x n keys.
     """
     is_ip = _check_metric(metric)
-    nprobe = int(nprobe)
-    k = int(k)
-    D, I = _padded((xq.shape[0], nprobe, k), is_ip)
-    if xq.shape[0] == 0 or nprobe <= 0 or k <= 0:
+    nprobe, k, D, I, empty = _scan_outputs(xq.shape[0], nprobe, k, is_ip, out)
+    if empty:
         return D, I
     xq, list_offsets, group_offsets = _f32(xq), _i64(list_offsets), _i64(group_offsets)
     ptr, items = _batch_parts(list_offsets, group_offsets, xq.shape[1])
@@ -232,7 +245,7 @@ def scan_lists_sq(xq: np.ndarray, codes: np.ndarray, ids: np.ndarray, list_offse
                   centers: np.ndarray, sq_kind: int, vmin: np.ndarray, vdiff: np.ndarray,
                   by_residual: bool, group_offsets: np.ndarray, group_queries: np.ndarray,
                   group_slots: np.ndarray, group_limits: np.ndarray, valid: np.ndarray,
-                  nprobe: int, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+                  nprobe: int, k: int, metric: str, out=None) -> tuple[np.ndarray, np.ndarray]:
     """``scan_lists`` on scalar-quantized lists (``sq_kind`` 0: 8 bits, 1: fp16), decoding each
     list once into a centred float32 buffer and running the Flat path on it.
 
@@ -244,10 +257,8 @@ def scan_lists_sq(xq: np.ndarray, codes: np.ndarray, ids: np.ndarray, list_offse
     sq_kind = int(sq_kind)
     if sq_kind not in (0, 1):
         raise ValidationError("sq_kind", sq_kind, "must be 0 (8 bits) or 1 (fp16)")
-    nprobe = int(nprobe)
-    k = int(k)
-    D, I = _padded((xq.shape[0], nprobe, k), is_ip)
-    if xq.shape[0] == 0 or nprobe <= 0 or k <= 0:
+    nprobe, k, D, I, empty = _scan_outputs(xq.shape[0], nprobe, k, is_ip, out)
+    if empty:
         return D, I
     xq, list_offsets, group_offsets = _f32(xq), _i64(list_offsets), _i64(group_offsets)
     d = xq.shape[1]
@@ -279,7 +290,7 @@ def scan_lists_pq(xq: np.ndarray, codes: np.ndarray, ids: np.ndarray, list_offse
                   centers: np.ndarray, codebooks: np.ndarray, by_residual: bool,
                   group_offsets: np.ndarray, group_queries: np.ndarray, group_slots: np.ndarray,
                   group_limits: np.ndarray, valid: np.ndarray, nprobe: int, k: int,
-                  metric: str) -> tuple[np.ndarray, np.ndarray]:
+                  metric: str, out=None) -> tuple[np.ndarray, np.ndarray]:
     """``scan_lists`` on product-quantized lists by asymmetric distance computation: per list,
     its (query, probe) pairs four at a time, one lookup table each, one pass over the codes.
 
@@ -288,10 +299,8 @@ def scan_lists_pq(xq: np.ndarray, codes: np.ndarray, ids: np.ndarray, list_offse
     K = 256), 4 x n keys and 12 (n + k) bytes of selection scratch (n: the list's size).
     """
     is_ip = _check_metric(metric)
-    nprobe = int(nprobe)
-    k = int(k)
-    D, I = _padded((xq.shape[0], nprobe, k), is_ip)
-    if xq.shape[0] == 0 or nprobe <= 0 or k <= 0:
+    nprobe, k, D, I, empty = _scan_outputs(xq.shape[0], nprobe, k, is_ip, out)
+    if empty:
         return D, I
     xq, list_offsets, group_offsets = _f32(xq), _i64(list_offsets), _i64(group_offsets)
     d = xq.shape[1]

@@ -35,7 +35,7 @@ from distann.kernels.numba_cpu._arith import (
     _direct_rows,
     _direct_topk,
 )
-from distann.kernels.numba_cpu._lists import _MODE_TOPK, _centred_pairs, _consume
+from distann.kernels.numba_cpu._lists import _MODE_TOPK, _centred_pairs, _consume, _list_work
 from distann.kernels.numba_cpu._selection import _SMALL_K, _emit
 
 _PQ_PAIRS = 4
@@ -92,25 +92,12 @@ def _sq_list(j, xq, sq_kind, codes8, codes16, ids, list_offsets, centers, base, 
     Peak memory (per thread): the decoded list, (n + 1) x d float32, ``_ROWS`` rows of n keys
     (or one row on the direct path) and 12 (n + k) bytes of selection scratch.
     """
-    lo = list_offsets[j]
-    n = list_offsets[j + 1] - lo
-    g0 = group_offsets[j]
-    g1 = group_offsets[j + 1]
-    m = g1 - g0
-    if m <= 0 or n <= 0:
-        return
-    d = xq.shape[1]
-    has_valid = valid.shape[0] > 0
-    nmax = 0
-    for g in range(g0, g1):
-        nmax = max(nmax, min(max(group_limits[g], 0), n))
+    lo, n, g0, g1, nmax, hd, hi, sk, si = _list_work(j, list_offsets, group_offsets, group_limits, k)
     if nmax == 0:
         return
-    kk = max(k, 1)
-    hd = np.empty(kk, dtype=np.float32)
-    hi = np.empty(kk, dtype=np.int64)
-    sk = np.empty(nmax + kk, dtype=np.float32)
-    si = np.empty(nmax + kk, dtype=np.int64)
+    m = g1 - g0
+    d = xq.shape[1]
+    has_valid = valid.shape[0] > 0
     c = centers[j]
     # Decoded rows: l2 centred on c (a residual already is x - c; else subtract c), ip the
     # full vector (c + residual, or the reconstruction itself).
@@ -298,26 +285,13 @@ def _pq_list(j, xq, codes, ids, list_offsets, centers, cbT, by_residual, group_o
     Peak memory (per thread): ``_PQ_PAIRS`` tables of M x K float32, ``_PQ_PAIRS`` rows of n
     keys and 12 (n + k) bytes of selection scratch.
     """
-    lo = list_offsets[j]
-    n = list_offsets[j + 1] - lo
-    g0 = group_offsets[j]
-    g1 = group_offsets[j + 1]
-    if g1 <= g0 or n <= 0:
+    lo, n, g0, g1, nmax, hd, hi, sk, si = _list_work(j, list_offsets, group_offsets, group_limits, k)
+    if nmax == 0:
         return
     d = xq.shape[1]
     M = cbT.shape[0]
     K = cbT.shape[2]
     has_valid = valid.shape[0] > 0
-    nmax = 0
-    for g in range(g0, g1):
-        nmax = max(nmax, min(max(group_limits[g], 0), n))
-    if nmax == 0:
-        return
-    kk = max(k, 1)
-    hd = np.empty(kk, dtype=np.float32)
-    hi = np.empty(kk, dtype=np.int64)
-    sk = np.empty(nmax + kk, dtype=np.float32)
-    si = np.empty(nmax + kk, dtype=np.int64)
     T = np.empty((_PQ_PAIRS, M * K), dtype=np.float32)
     qr = np.empty(d, dtype=np.float32)
     S = np.empty((_PQ_PAIRS, nmax), dtype=np.float32)

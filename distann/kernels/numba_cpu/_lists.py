@@ -66,6 +66,27 @@ def _consume(mode, g, row, xn, add_xn, lim, qn, lo, ids, valid, has_valid, k, is
 
 
 @njit(cache=True)
+def _list_work(j, list_offsets, group_offsets, group_limits, k):
+    """The shape of list ``j``'s work and its selection scratch, shared by every list kernel:
+    (first row, rows, first pair, end of pairs, most rows any pair scans, and the top-k and
+    selection buffers). ``nmax`` is 0 when there is nothing to scan."""
+    lo = list_offsets[j]
+    n = list_offsets[j + 1] - lo
+    g0 = group_offsets[j]
+    g1 = group_offsets[j + 1]
+    nmax = 0
+    if n > 0:
+        for g in range(g0, g1):
+            nmax = max(nmax, min(max(group_limits[g], 0), n))
+    kk = max(k, 1)
+    hd = np.empty(kk, dtype=np.float32)
+    hi = np.empty(kk, dtype=np.int64)
+    sk = np.empty(nmax + kk, dtype=np.float32)
+    si = np.empty(nmax + kk, dtype=np.int64)
+    return lo, n, g0, g1, nmax, hd, hi, sk, si
+
+
+@njit(cache=True)
 def _process_list(j, mode, xq, xb, ids, list_offsets, centers, group_offsets, group_queries,
                   group_slots, group_limits, valid, k, is_ip, D, I, radius, counts, starts, Dr, Ir):
     """Compute the keys of every pair of list ``j`` and hand each row to ``_consume``.
@@ -73,27 +94,12 @@ def _process_list(j, mode, xq, xb, ids, list_offsets, centers, group_offsets, gr
     Peak memory (per thread): the centred list, (n + 1) x d float32, ``_ROWS`` rows of n keys
     and 12 (n + k) bytes of selection scratch.
     """
-    lo = list_offsets[j]
-    n = list_offsets[j + 1] - lo
-    g0 = group_offsets[j]
-    g1 = group_offsets[j + 1]
-    m = g1 - g0
-    if m <= 0 or n <= 0:
-        return
-    d = xq.shape[1]
-    has_valid = valid.shape[0] > 0
-    nmax = 0
-    for g in range(g0, g1):
-        lim = min(max(group_limits[g], 0), n)
-        if lim > nmax:
-            nmax = lim
+    lo, n, g0, g1, nmax, hd, hi, sk, si = _list_work(j, list_offsets, group_offsets, group_limits, k)
     if nmax == 0:
         return
-    kk = max(k, 1)
-    hd = np.empty(kk, dtype=np.float32)
-    hi = np.empty(kk, dtype=np.int64)
-    sk = np.empty(nmax + kk, dtype=np.float32)
-    si = np.empty(nmax + kk, dtype=np.int64)
+    m = g1 - g0
+    d = xq.shape[1]
+    has_valid = valid.shape[0] > 0
     if m <= _DIRECT_MAX_ROWS:
         keys = np.empty(nmax + 3, dtype=np.float32)
         for g in range(g0, g1):
