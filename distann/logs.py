@@ -9,9 +9,15 @@ embedded cluster's worker processes follow the level of the ``distributed`` logg
 from __future__ import annotations
 
 import logging
+import warnings
 
 DASK_LOGGERS = ("distributed", "bokeh", "tornado")
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Python warnings (a TrainingWarning, say) as one log line, not file:line and source."""
+    logging.getLogger("distann").warning("%s: %s", category.__name__, message)
 
 
 def setup(level: str = "INFO", verbose: bool = False) -> None:
@@ -20,6 +26,7 @@ def setup(level: str = "INFO", verbose: bool = False) -> None:
     fmt = "%(asctime)s %(levelname)-7s %(name)s: %(message)s" if verbose else "%(asctime)s %(levelname)-7s %(message)s"
     logging.basicConfig(level=numeric, format=fmt, datefmt="%H:%M:%S")
     logging.getLogger("distann").setLevel(numeric)
+    warnings.showwarning = _log_warning
     import distributed  # noqa: F401 - its import sets the levels of its loggers; ours must come after
 
     if verbose:

@@ -226,3 +226,14 @@ def test_progress_bars_only_on_a_terminal_and_not_with_no_progress(tmp_path):
     for stage in ("scan", "k-means", "add", "merge"):
         assert f"{stage}: 100%" in shown, shown
     assert "100%" not in stderr_on_a_tty("--no-progress")
+
+
+def test_training_warning_is_one_log_line(tmp_path):
+    src = str(tmp_path / "base.npy")
+    write_npy(src, 3000, 16)
+    proc = subprocess.run(cli("build", src, str(tmp_path / "pq.zarr"), "--spec", "IVF4,PQ4", "--workers", "1",
+                              "--niter", "2"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "TrainingWarning" in line]
+    assert len(lines) == 1 and "WARNING" in lines[0] and "fewer than 39 per centroid" in lines[0], proc.stderr
+    assert "warnings.warn(" not in proc.stderr and ".py:" not in proc.stderr
