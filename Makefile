@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: quickstart test test-all bench-build bench-search install clean
+.PHONY: quickstart test test-all bench-build bench-search bench-codecs install clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ bench-build: $(VENV)/.installed
 
 bench-search: $(VENV)/.installed
 	$(PY) jobs/bench_search.py
+
+## Every codec against faiss-cpu on the same data (about 40 minutes on 2 cores)
+bench-codecs: $(VENV)/.installed
+	$(PY) jobs/bench_codecs.py
 
 clean:
 	rm -rf $(VENV) data out .pytest_cache
