@@ -370,6 +370,44 @@ def test_exact_knn_empty(backend):
     assert D.shape == (2, 4) and np.all(I == -1) and np.all(D == np.inf)
 
 
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("kind", ["normal", "offset", "dups"])
+def test_rerank_matches_reference(backend, threads, metric, kind):
+    """RFlat's exact re-ranking: distinct candidate rows per query with -1 padding; the
+    reference's rerank over every row is its exact_knn (the reference's own semantics)."""
+    rng = np.random.default_rng([len(metric), len(kind), 5])
+    n, d, nq, kc = 700, 33, 41, 40
+    xb = _vectors(rng, n, d, kind)
+    ids = (rng.permutation(n) * 5 + 3).astype(np.int64)
+    by_id = {int(i): r for r, i in enumerate(ids)}
+    xq = _vectors(rng, nq, d, kind)
+    cand = np.stack([rng.choice(n, kc, replace=False) for _ in range(nq)]).astype(np.int64)
+    cand[rng.random((nq, kc)) < 0.2] = -1
+    cand[0] = -1  # a query with no candidate at all
+    cand[1, :3] = -1
+    atol = ATOL_FRACTION * _scale(xq, xb, metric)
+    for k in (1, 10, kc + 3):
+        D, I = backend.rerank(xq, xb, ids, cand, k, metric)
+        Dr, Ir = REF.rerank(xq, xb, ids, cand, k, metric)
+        assert D.shape == I.shape == (nq, k)
+        assert_knn_equal(D, I, Dr, Ir, atol,
+                         lambda row, idx: _exact(xq[row], xb[by_id[int(idx)]], metric))
+        assert np.all(I[0] == -1)
+        for qi in range(nq):  # every returned id is one of the query's candidates
+            assert set(I[qi][I[qi] >= 0].tolist()) <= set(ids[cand[qi][cand[qi] >= 0]].tolist())
+    every = np.tile(np.arange(n, dtype=np.int64), (nq, 1))
+    Dr, Ir = REF.rerank(xq, xb, ids, every, 10, metric)
+    De, Ie = REF.exact_knn(xq, xb, ids, 10, metric)
+    np.testing.assert_array_equal(Ir, Ie)
+    np.testing.assert_array_equal(Dr, De)
+
+
+def test_rerank_refuses_a_row_out_of_range():
+    kern = get_backend("numba")
+    with pytest.raises(ValidationError, match="candidates"):
+        kern.rerank(np.ones((1, 2), np.float32), np.ones((3, 2), np.float32), np.arange(3), np.array([[0, 3]]), 1, "l2")
+
+
 # --------------------------------------------------------------------------------------------
 # assign / kmeans_stats (the k-means and add-stage GEMMs)
 # --------------------------------------------------------------------------------------------

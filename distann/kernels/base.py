@@ -105,6 +105,12 @@ class KernelBackend(Protocol):
         """``scan_lists`` on product-quantized lists by asymmetric distance computation: a lookup
         table per (query, list) pair, then M table lookups per code (see "Compressed lists")."""
 
+    def rerank(self, xq: np.ndarray, xb: np.ndarray, ids: np.ndarray, candidates: np.ndarray, k: int,
+               metric: str) -> tuple[np.ndarray, np.ndarray]:
+        """Exact re-ranking (RFlat): ``candidates`` (nq, kc) int64 are rows of ``xb`` (N, d) (-1:
+        none; distinct within a query, as candidates from distinct lists are); the best ``k`` of each query's candidates by exact distance,
+        ``(D, I)`` of shape (nq, k) with ``I`` taken from ``ids``, best first, padded."""
+
     def assign(self, x: np.ndarray, centroids: np.ndarray, metric: str) -> np.ndarray:
         """Index of the nearest centroid of every row (l2) or of the largest inner product (ip),
         ties to the smaller index: the add stage's and the codecs' assignment."""

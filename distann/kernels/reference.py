@@ -150,6 +150,22 @@ def exact_knn(xq: np.ndarray, xb: np.ndarray, ids: np.ndarray, k: int,
     return D, I
 
 
+def rerank(xq: np.ndarray, xb: np.ndarray, ids: np.ndarray, candidates: np.ndarray, k: int,
+           metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Best ``k`` of each query's candidate rows of ``xb`` by exact distance: (nq, k), padded."""
+    is_ip = _check_metric(metric)
+    nq = xq.shape[0]
+    D, I = _pad((nq, k), is_ip)
+    for qi in range(nq):
+        rows = np.asarray(candidates[qi], dtype=np.int64)
+        rows = rows[rows >= 0]
+        dist = _distances(xq[qi], xb[rows], is_ip)
+        sel = _order(dist, ids[rows], is_ip)[:k]
+        D[qi, : len(sel)] = dist[sel]
+        I[qi, : len(sel)] = ids[rows][sel]
+    return D, I
+
+
 def _add_centers(x: np.ndarray, list_offsets: np.ndarray, centers: np.ndarray) -> None:
     """``x[rows of list j] += centers[j]`` in place (the ``by_residual`` reconstruction)."""
     for j in range(len(list_offsets) - 1):

@@ -109,18 +109,8 @@ def knn(kern: ModuleType, pipeline: CodecPipeline, xq: np.ndarray, block: ListBl
 def rerank(kern: ModuleType, block: ListBlock, positions: np.ndarray, xq_raw: np.ndarray, k: int,
            kmetric: str) -> tuple[np.ndarray, np.ndarray]:
     """Exact distances from each query to its candidate rows (``positions`` (nq, kc), -1 for
-    none) with the raw vectors, best ``k`` first. Peak memory: nq x kc x d float32."""
-    found = positions >= 0
-    cand = block.raw[np.where(found, positions, 0)]
-    q = xq_raw[:, None, :].astype(np.float32)
-    if kmetric == "l2":
-        diff = cand - q
-        dist = np.einsum("qkd,qkd->qk", diff, diff)
-    else:
-        dist = np.einsum("qkd,qkd->qk", cand, q)
-    ids = np.where(found, block.ids[np.where(found, positions, 0)], -1)
-    dist = np.where(found, dist, np.inf if kmetric == "l2" else -np.inf).astype(np.float32)
-    return kern.merge_topk(np.ascontiguousarray(dist), np.ascontiguousarray(ids), k, kmetric)
+    none) with the raw vectors, best ``k`` first (the backend's ``rerank``)."""
+    return kern.rerank(xq_raw, block.raw, block.ids, positions, k, kmetric)
 
 
 def range_search(kern: ModuleType, pipeline: CodecPipeline, xq: np.ndarray, block: ListBlock, centers: np.ndarray,

@@ -74,6 +74,7 @@ from distann.kernels.numba_cpu._coarse_merge_exact import (
     _exact_part,
     _merge_part,
     _prepare_queries,
+    _rerank_part,
 )
 from distann.kernels.numba_cpu._codecs import _pq_part, _sq_part, f16_table
 from distann.kernels.numba_cpu._lists import (
@@ -335,6 +336,27 @@ def merge_topk(D: np.ndarray, I: np.ndarray, k: int, metric: str) -> tuple[np.nd
     nparts = 1 if D.size < (1 << 16) else _nthreads()
     _parallel(_merge_part, nparts, D, I, k, is_ip, Do, Io)
     return Do, Io
+
+
+def rerank(xq: np.ndarray, xb: np.ndarray, ids: np.ndarray, candidates: np.ndarray, k: int,
+           metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Exact re-ranking of each query's candidate rows of ``xb``: (nq, k), best first, padded.
+
+    Distances are computed in place of the gather (no (nq, kc, d) copy), then cut to k by
+    ``merge_topk``. Peak extra memory: nq x kc x 12 bytes of candidate keys and ids.
+    """
+    is_ip = _check_metric(metric)
+    k = int(k)
+    xq, xb, ids, cand = _f32(xq), _f32(xb), _i64(ids), _i64(candidates)
+    nq, kc = cand.shape
+    if nq and kc and int(cand.max()) >= len(xb):
+        raise ValidationError("candidates", int(cand.max()), f"must be < {len(xb)} (rows of xb) or -1")
+    Dc, Ic = _padded((nq, kc), is_ip)
+    if nq == 0 or kc == 0:
+        return merge_topk(Dc, Ic, k, metric)
+    nparts = 1 if nq * kc * xq.shape[1] < _SERIAL_WORK else min(_nthreads(), nq)
+    _parallel(_rerank_part, nparts, xq, xb, ids, cand, is_ip, Dc, Ic)
+    return merge_topk(Dc, Ic, k, metric)
 
 
 def range_scan_lists(xq: np.ndarray, xb: np.ndarray, ids: np.ndarray, list_offsets: np.ndarray,

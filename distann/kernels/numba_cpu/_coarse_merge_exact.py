@@ -1,4 +1,4 @@
-"""The coarse_quantize, merge_topk and exact_knn kernels of the Numba CPU backend.
+"""The coarse_quantize, merge_topk, exact_knn and rerank kernels of the Numba CPU backend.
 
 Each ``*_part`` function is a nogil kernel over one thread's share of the work:
 ``_coarse_part`` ranks the centroids for a run of query blocks (or every ``nparts``-th query
@@ -6,6 +6,8 @@ on the direct path), ``_merge_part`` cuts rows of candidates to their best k, an
 ``_exact_part`` runs brute-force tiles (query block x database chunk, ``_exact_tile``) whose
 partial top-k lists are merged by ``_merge_part`` when the database was cut in several chunks.
 ``_prepare_queries`` centres and scales the queries of ``exact_knn`` once for all tiles.
+``_rerank_part`` computes the exact keys of every query's candidate rows (``rerank``), which
+``_merge_part`` then cuts to the best k.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 from numba import njit
 
 from distann.kernels.numba_cpu._arith import (
+    _FAST,
     _ROWS,
     _direct_rows,
     _direct_topk,
@@ -189,3 +192,31 @@ def _exact_tile(tile, nch, chunk, qbs, direct, xq, Qs, qn, xb, ids, mu, k, is_ip
     for qi in range(qa, qz):
         r = qi - qa
         _emit(hd[r], hi[r], cnt[r], qn[qi], is_ip, PD[qi, c], PI[qi, c])
+
+
+@njit(cache=True, nogil=True, fastmath=_FAST)
+def _rerank_part(p, nparts, xq, xb, ids, cand, is_ip, Dc, Ic):
+    """Rows p, p + nparts, ... of ``rerank``: for each candidate row of ``xb``, its exact
+    distance (l2 by direct differences, ip the inner product) into ``Dc`` and its id into ``Ic``
+    (-1 for no candidate: padding for ``_merge_part``). The reduction over d is vectorized;
+    every candidate gets the same instruction sequence, so duplicates get identical distances."""
+    nq, kc = cand.shape
+    d = xq.shape[1]
+    for qi in range(p, nq, nparts):
+        q = xq[qi]
+        for u in range(kc):
+            r = cand[qi, u]
+            if r < 0:
+                Ic[qi, u] = -1
+                continue
+            x = xb[r]
+            s = np.float32(0.0)
+            if is_ip:
+                for t in range(d):
+                    s += q[t] * x[t]
+            else:
+                for t in range(d):
+                    z = q[t] - x[t]
+                    s += z * z
+            Dc[qi, u] = s
+            Ic[qi, u] = ids[r]
