@@ -142,12 +142,14 @@ def report(rows: list[dict], meta: dict) -> str:
                      f"| {at(o['curve'], 64)['recall']:.3f} / {at(f['curve'], 64)['recall']:.3f} | {ratios} | "
                      f"{o['build_s']:.1f} / {f['build_s']:.1f} | {o['disk_bytes'] / o['payload_bytes']:.3f} | "
                      f"{o['mse']:.4g} |")
-    lines += ["", "Peak memory of the distann build (client + workers, RSS):", ""]
+    if any("peak_rss_bytes" in r["distann"] for r in rows):
+        lines += ["", "Peak memory of the distann build (client + workers, RSS):", ""]
     for r in rows:
         if "peak_rss_bytes" in r["distann"]:
             lines.append(f"- d={r['d']} {r['spec']}: {r['distann']['peak_rss_bytes'] / 2**20:.0f} MiB, "
                          f"build {r['distann']['build_s']:.1f} s (stages {r['distann']['timings']})")
-    lines += ["", "Streaming (not resident, files in the page cache) vs resident, IVF1024,Flat, nprobe 32:", ""]
+    if any("streaming" in r for r in rows):
+        lines += ["", "Streaming (not resident, files in the page cache) vs resident, IVF1024,Flat, nprobe 32:", ""]
     for r in rows:
         if "streaming" in r:
             s = r["streaming"]
