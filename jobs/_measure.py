@@ -73,3 +73,13 @@ def drop_file_cache(path: str) -> None:
             os.close(fd)
     except (OSError, AttributeError):
         pass
+
+
+def timed(fn, repeats: int) -> float:
+    """Best wall time of ``repeats`` calls of ``fn`` (seconds)."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import distann  # noqa: E402
 from distann.cluster import client_context  # noqa: E402
 from distann.synthetic import synthetic, write_npy  # noqa: E402
-from _measure import TreeMemorySampler, machine  # noqa: E402
+from _measure import TreeMemorySampler, machine, timed  # noqa: E402
 
 log = logging.getLogger("bench_codecs")
 SPECS = ["IVF1024,Flat", "IVF1024,SQ8", "IVF1024,SQfp16", "IVF1024,PQ16", "IVF1024,PQ32", "OPQ16,IVF1024,PQ16",
@@ -36,20 +36,11 @@ NPROBES = [4, 8, 16, 32, 64, 128]
 MEMORY_SPECS = ("IVF1024,Flat", "IVF1024,PQ16")
 
 
-def timed(fn, repeats: int = 2) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def curve(search, gt: np.ndarray, k: int, label: str) -> list[dict]:
     points = []
     for nprobe in NPROBES:
         I = search(nprobe)[1]
-        seconds = timed(lambda: search(nprobe))
+        seconds = timed(lambda: search(nprobe), 2)
         points.append({"nprobe": nprobe, "recall": distann.recall_at_k(I, gt, k), "qps": len(gt) / seconds})
         log.info("  %s nprobe %3d recall %.4f QPS %.0f", label, nprobe, points[-1]["recall"], points[-1]["qps"])
     return points
@@ -122,8 +113,8 @@ def bench_spec(spec: str, path: str, xb: np.ndarray, xq: np.ndarray, gt: np.ndar
     if spec == "IVF1024,Flat":
         streamed = distann.open_index(url, cache_bytes=0)
         streamed.search(xq[:200], k=args.k, nprobe=32)
-        s_qps = len(xq) / timed(lambda: streamed.search(xq, k=args.k, nprobe=32))
-        r_qps = len(xq) / timed(lambda: index.search(xq, k=args.k, nprobe=32))
+        s_qps = len(xq) / timed(lambda: streamed.search(xq, k=args.k, nprobe=32), 2)
+        r_qps = len(xq) / timed(lambda: index.search(xq, k=args.k, nprobe=32), 2)
         row["streaming"] = {"nprobe": 32, "resident_qps": r_qps, "streaming_qps": s_qps, "ratio": s_qps / r_qps}
         log.info("  streaming / resident at nprobe 32: %.2f", s_qps / r_qps)
     return row

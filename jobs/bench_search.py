@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import distann  # noqa: E402
 from distann.cluster import client_context  # noqa: E402
 from distann.synthetic import synthetic, write_npy  # noqa: E402
-from _measure import machine  # noqa: E402
+from _measure import machine, timed  # noqa: E402
 
 log = logging.getLogger("bench_search")
 NPROBES = [1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128]
@@ -46,15 +46,6 @@ def sgemm_gflops(threads: int) -> float:
     return 2 * 4096 ** 3 / best / 1e9
 
 
-def timed(fn, repeats: int = 3) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def latency(fn, xq: np.ndarray, calls: int) -> dict:
     times = np.empty(calls)
     for i in range(calls):
@@ -69,7 +60,7 @@ def curve(search, gt: np.ndarray, k: int) -> list[dict]:
     points = []
     for nprobe in NPROBES:
         I = search(nprobe)[1]
-        seconds = timed(lambda: search(nprobe))
+        seconds = timed(lambda: search(nprobe), 3)
         points.append({"nprobe": nprobe, "recall": distann.recall_at_k(I, gt, k), "qps": len(gt) / seconds})
         log.info("  nprobe %3d recall %.4f QPS %.0f", nprobe, points[-1]["recall"], points[-1]["qps"])
     return points

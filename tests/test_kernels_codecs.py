@@ -22,13 +22,14 @@ from distann.errors import ValidationError
 from distann.kernels import get_backend
 from tests.test_kernels import (
     ATOL_FRACTION,
-    BACKENDS,
     METRICS,
     SIZES,
     Batch,
     _exact,
     _scale,
     assert_knn_equal,
+    backend,  # noqa: F401 - fixtures shared with tests/test_kernels.py
+    threads,  # noqa: F401
 )
 
 REF = get_backend("numpy")
@@ -42,23 +43,6 @@ REF = get_backend("numpy")
 #   entries: at most ~(dsub + M) 2^-24 (7e-7 for M = 8, dsub = 4) of the magnitudes; with
 #   by_residual and ip, <q, centroid> adds d more terms.
 # All far below 1e-5, and far above what a wrong table entry or a lost centroid would change.
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    return get_backend(request.param)
-
-
-@pytest.fixture(params=["auto", "forced-parallel"])
-def threads(request, monkeypatch, backend):
-    """As in tests/test_kernels.py: as the backend decides, and with the small-work shortcut
-    disabled and an odd thread count (several parts, list balancing)."""
-    if request.param == "forced-parallel":
-        if hasattr(backend, "_SERIAL_WORK"):
-            monkeypatch.setattr(backend, "_SERIAL_WORK", 0)
-        if hasattr(backend, "_nthreads"):
-            monkeypatch.setattr(backend, "_nthreads", lambda: 3)
-    return request.param
 
 
 # --------------------------------------------------------------------------------------------
