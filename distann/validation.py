@@ -99,11 +99,14 @@ def check_radius(radius: object, metric: str) -> float:
 
 
 def ids_mask(ids: np.ndarray, allowed: object) -> np.ndarray:
-    """uint8 mask over ``ids``: 1 where the id is allowed.
+    """uint8 mask over ``ids``: 1 where the id is allowed, as the kernels take ``valid``.
 
     ``allowed`` is either an integer array of ids, or a bool array used as a bitmap indexed by
-    id (ids beyond its length are not allowed).
+    id (ids beyond its length are not allowed); ``None`` (no filter) gives the empty mask, which
+    the kernels read as "all valid".
     """
+    if allowed is None:
+        return np.empty(0, dtype=np.uint8)
     if not isinstance(allowed, np.ndarray) or allowed.ndim != 1 or allowed.dtype.kind not in "biu":
         what = f"array of dtype {allowed.dtype}, shape {allowed.shape}" if isinstance(allowed, np.ndarray) \
             else type(allowed).__name__
@@ -118,5 +121,4 @@ def ids_mask(ids: np.ndarray, allowed: object) -> np.ndarray:
 
 
 def check_ids_allowed(allowed: object) -> None:
-    if allowed is not None:
-        ids_mask(np.empty(0, np.int64), allowed)
+    ids_mask(np.empty(0, np.int64), allowed)

@@ -159,10 +159,10 @@ def rerank(xq: np.ndarray, xb: np.ndarray, ids: np.ndarray, candidates: np.ndarr
     for qi in range(nq):
         rows = np.asarray(candidates[qi], dtype=np.int64)
         rows = rows[rows >= 0]
-        dist = _distances(xq[qi], xb[rows], is_ip)
-        sel = _order(dist, ids[rows], is_ip)[:k]
+        dist, cid = _distances(xq[qi], xb[rows], is_ip), ids[rows]
+        sel = _order(dist, cid, is_ip)[:k]
         D[qi, : len(sel)] = dist[sel]
-        I[qi, : len(sel)] = ids[rows][sel]
+        I[qi, : len(sel)] = cid[sel]
     return D, I
 
 

@@ -103,14 +103,7 @@ def knn(kern: ModuleType, pipeline: CodecPipeline, xq: np.ndarray, block: ListBl
     positions = np.arange(len(block.ids), dtype=np.int64)  # candidates by row, to find their raw vectors
     Dp, Pp = scan(kern, pipeline, xq, block, centers, probes, valid, nprobe, kc, ids=positions)
     _, P = kern.merge_topk(Dp.reshape(nq, -1), Pp.reshape(nq, -1), kc, kmetric)
-    return rerank(kern, block, P, xq_raw, k, kmetric)
-
-
-def rerank(kern: ModuleType, block: ListBlock, positions: np.ndarray, xq_raw: np.ndarray, k: int,
-           kmetric: str) -> tuple[np.ndarray, np.ndarray]:
-    """Exact distances from each query to its candidate rows (``positions`` (nq, kc), -1 for
-    none) with the raw vectors, best ``k`` first (the backend's ``rerank``)."""
-    return kern.rerank(xq_raw, block.raw, block.ids, positions, k, kmetric)
+    return kern.rerank(xq_raw, block.raw, block.ids, P, k, kmetric)  # exact distances to the raw rows
 
 
 def range_search(kern: ModuleType, pipeline: CodecPipeline, xq: np.ndarray, block: ListBlock, centers: np.ndarray,

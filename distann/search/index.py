@@ -225,7 +225,7 @@ class Index:
         else:
             block = self.lists.fetch(plan.lists)
             centers, groups = np.ascontiguousarray(self.centroids[plan.lists]), plan.group_offsets
-        valid = ids_mask(block.ids, allowed) if allowed is not None else np.empty(0, np.uint8)
+        valid = ids_mask(block.ids, allowed)
         probes = engine.Probes(groups, plan.group_queries, plan.group_slots, plan.group_limits)
         return block, centers, probes, valid
 
@@ -243,7 +243,7 @@ class Index:
             g0, g1 = plan.group_offsets[a], plan.group_offsets[b]
             probes = engine.Probes(plan.group_offsets[a:b + 1] - g0, plan.group_queries[g0:g1],
                                    plan.group_slots[g0:g1], plan.group_limits[g0:g1])
-            valid = ids_mask(block.ids, allowed) if allowed is not None else np.empty(0, np.uint8)
+            valid = ids_mask(block.ids, allowed)
             return block, np.ascontiguousarray(self.centroids[lists]), probes, valid
 
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="distann-prefetch") as pool:
