@@ -14,6 +14,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "open_index": "distann.search.index",
     "Index": "distann.search.index",
+    "DistributedIndex": "distann.search.distributed",
+    "SearchResult": "distann.search.distributed",
     "kmeans": "distann.train.api",
     "KMeansResult": "distann.train.kmeans",
     "open_source": "distann.sources",
@@ -25,6 +27,7 @@ _EXPORTS = {
     "IndexFormatError": "distann.errors",
     "IndexExistsError": "distann.errors",
     "BuildConflictError": "distann.errors",
+    "ShardsUnavailableError": "distann.errors",
 }
 
 __all__ = sorted([*_EXPORTS, "build", "__version__"])
@@ -46,8 +49,10 @@ def build(source, index_url, spec="IVF1024,Flat", metric="l2", ids=None, client=
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from distann.errors import BuildConflictError, DistannError, IndexExistsError, IndexFormatError, ValidationError
+    from distann.errors import (BuildConflictError, DistannError, IndexExistsError, IndexFormatError,
+                                ShardsUnavailableError, ValidationError)
     from distann.evaluation import brute_force_knn, recall_at_k, sweep_nprobe
+    from distann.search.distributed import DistributedIndex, SearchResult
     from distann.search.index import Index, open_index
     from distann.sources import open_source
     from distann.train.api import kmeans

@@ -19,6 +19,9 @@ key                            default      meaning
                                             (0: none; ``"auto"``: 1/8 of the machine's memory);
                                             an index that fits is loaded whole at its first search
 ``distann.search.batch-size``  16384        queries searched together in one batch
+``distann.search.reader-lease-seconds`` 60  a serving index's reader lease on its generation
+                                            expires this long after its last renewal (see
+                                            ``distann.store.readers``)
 ``distann.kernels.backend``    ``"numba"``  kernel backend (see ``distann.kernels``)
 =============================  ===========  ==================================================
 
@@ -77,7 +80,7 @@ DEFAULTS: dict[str, Any] = {
     "distann": {
         "build": {"chunk-rows": 65536, "shard-bytes": 32 * 2**20, "lease-seconds": 60},
         "cluster": {"connect-timeout": 10},
-        "search": {"cache-bytes": "auto", "batch-size": 16384},
+        "search": {"cache-bytes": "auto", "batch-size": 16384, "reader-lease-seconds": 60},
         "kernels": {"backend": "numba"},
     }
 }
@@ -97,6 +100,7 @@ _TUNABLE_CHECKS: dict[str, Callable[[str, object], Any]] = {
     "cluster.connect-timeout": check_positive_int,
     "search.cache-bytes": lambda key, value: value if value == "auto" else check_nonnegative_int(key, value),
     "search.batch-size": check_positive_int,
+    "search.reader-lease-seconds": check_positive_int,
     "kernels.backend": _tunable_name,
 }
 

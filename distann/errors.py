@@ -33,6 +33,16 @@ class BuildConflictError(DistannError):
     """Another build owns the index URL's next generation (or took it over from this one)."""
 
 
+class ShardsUnavailableError(DistannError):
+    """Some shards of a distributed search did not answer (a worker lost with no copy left, a
+    shard that could not be loaded, or the request's deadline passed). ``shards`` names them."""
+
+    def __init__(self, message: str, shards: list[str], timed_out: bool = False):
+        self.shards = list(shards)
+        self.timed_out = timed_out
+        super().__init__(message)
+
+
 def _short(value: object, limit: int = 120) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -199,10 +199,14 @@ def test_failed_rebuild_leaves_committed_index_readable(client, data, tmp_path):
     assert again.nlist == 16
     D1, I1 = again.search(xq, k=10, nprobe=4)
     np.testing.assert_array_equal(I0, I1)
-    # the rebuild then completes, replaces the index and removes the old generation
+    # the rebuild then completes and replaces the index; the generation it replaced is kept
+    # (a reader that opened it before the commit can finish), the next commit removes it
     new = distann.build(src, url, spec=f"IVF{NLIST},Flat", client=client, overwrite=True, **OPTS)
     assert new.nlist == NLIST and new.manifest.generation == 2
-    assert not (tmp_path / "idx.zarr" / "g000001").exists()
+    np.testing.assert_array_equal(again.search(xq, k=10, nprobe=4)[1], I0)  # opened before the commit
+    assert (tmp_path / "idx.zarr" / "g000001").exists()
+    distann.build(src, url, spec=f"IVF{NLIST},Flat", client=client, overwrite=True, **OPTS)
+    assert not (tmp_path / "idx.zarr" / "g000001").exists() and (tmp_path / "idx.zarr" / "g000002").exists()
 
 
 def test_memory_url_needs_one_process(client, data):

@@ -37,6 +37,7 @@ from distann.store import layout
 from distann.store.arrays import CheckedStore, StoredArray, checksum, write_small
 from distann.store.lease import LEASE_DIR, GenerationLease, remove_older
 from distann.store.location import Location
+from distann.store.readers import READERS_DIR, held_generations
 from distann.store.manifest import (FORMAT_VERSION, MANIFEST_PATH, Manifest, ShardEntry, manifest_exists,
                                     read_manifest, write_manifest)
 from distann.train.api import check_train_params, collect_sample
@@ -284,7 +285,7 @@ def _check_destination(loc: Location, overwrite: bool) -> None:
 
 def _is_ours(loc: Location, name: str) -> bool:
     """Whether ``name`` at the root of an index folder is something a distann build writes."""
-    if name in ("zarr.json", MANIFEST_PATH, LEASE_DIR) or name.startswith(f"{MANIFEST_PATH}.tmp-"):
+    if name in ("zarr.json", MANIFEST_PATH, LEASE_DIR, READERS_DIR) or name.startswith(f"{MANIFEST_PATH}.tmp-"):
         return True
     return bool(layout.GENERATION.fullmatch(name)) and loc.exists(layout.build_marker(name))
 
@@ -309,13 +310,17 @@ def _start_generation(loc: Location, gen: str, key: str) -> None:
 
 
 def _cleanup(loc: Location, gen: str) -> None:
-    """After commit: staging and the older generations are garbage. Newer generation folders
-    belong to builds started after this commit and are left alone."""
+    """After commit: staging is garbage, and so is every older generation but the one just
+    replaced and those a live reader lease holds (the retention rule of ``store.readers``).
+    Newer generation folders belong to builds started after this commit and are left alone."""
     loc.remove(layout.staging(gen))
+    n = int(gen[1:])
+    held = held_generations(loc)
     for name in _generations(loc):
-        if name < gen:
+        g = int(name[1:])
+        if g < n - 1 and g not in held:
             loc.remove(name)
-    remove_older(loc, int(gen[1:]))
+    remove_older(loc, n)
 
 
 def _check_reachable(client, loc: Location, src, ids_src, lease_path: str) -> None:

@@ -45,12 +45,17 @@ class SearchParams:
     k_factor: int = 4
 
 
-def open_index(url: str, *, storage_options: dict | None = None, cache_bytes: int | str | None = None) -> "Index":
+def open_index(url: str, *, storage_options: dict | None = None, cache_bytes: int | str | None = None,
+               client=None, replicas: int = 1):
     """Open the committed index at ``url`` (IndexFormatError if there is none or it is unreadable).
 
     ``cache_bytes``: memory for lists read by searches (default ``distann.search.cache-bytes``,
     ``"auto"``: 1/8 of the machine's memory; 0: none). An index that fits is loaded whole at its
     first search; a larger one keeps its most recently searched lists.
+
+    ``client`` (a ``distributed.Client``): serve the index from that cluster instead: its shards
+    are loaded into the workers' memory (``replicas`` copies of each on distinct workers) and a
+    :class:`~distann.search.distributed.DistributedIndex` is returned once they are resident.
     """
     if cache_bytes is not None and cache_bytes != "auto":
         check_nonnegative_int("cache_bytes", cache_bytes)
@@ -58,8 +63,40 @@ def open_index(url: str, *, storage_options: dict | None = None, cache_bytes: in
         url = os.fspath(url)
     if not isinstance(url, str) or not url:
         raise ValidationError("url", url, "a non-empty path or URL of an index")
+    if client is not None:
+        from distann.search.distributed import DistributedIndex, _check_client
+
+        _check_client(client)
+        check_positive_int("replicas", replicas)
+    elif replicas != 1:
+        raise ValidationError("replicas", replicas, "1 unless client is given (copies live on cluster workers)")
     loc = Location(url, dict(storage_options or {}))
-    return Index(loc, read_manifest(loc), cache_bytes=cache_bytes)
+    if client is None:
+        return Index(loc, read_manifest(loc), cache_bytes=cache_bytes)
+    return DistributedIndex(Index(loc, read_manifest(loc), cache_bytes=0), client, replicas=replicas)
+
+
+def read_codec(store: CheckedStore, manifest: Manifest, url: str) -> CodecPipeline:
+    """The trained codec pipeline of a committed index, from its manifest and codec arrays."""
+    section = manifest.codec
+    if "spec" not in section:  # format versions 1 and 2: Flat, no transforms
+        return CodecPipeline.create(manifest.spec, manifest.d, manifest.metric)
+    arrays = section.get("arrays", {})
+    try:
+        return CodecPipeline.load(section, lambda name: StoredArray(store, arrays[name]).read())
+    except KeyError as exc:
+        raise IndexFormatError(f"{url}: the manifest names no codec array {exc}") from None
+
+
+def raw_centers(codec: CodecPipeline, centers: np.ndarray) -> np.ndarray | None:
+    """Coarse centroids mapped back to the original space (RFlat range search centres on them);
+    None for other codecs."""
+    if not codec.refine:
+        return None
+    y = centers
+    for t in reversed(codec.transforms):
+        y = t.reverse(y)
+    return np.ascontiguousarray(y, dtype=np.float32)
 
 
 class Index:
@@ -73,7 +110,7 @@ class Index:
                         "reads as zeros; Index.verify() detects it, a rebuild upgrades the format",
                         loc.url, manifest.format_version)
         self.store = CheckedStore(loc.zarr_store(read_only=True), loc.url, strict=manifest.stores_every_chunk)
-        self.codec = self._load_codec()
+        self.codec = read_codec(self.store, manifest, loc.url)
         self.centroids = np.ascontiguousarray(StoredArray(self.store, manifest.centroids).read(), dtype=np.float32)
         self.list_sizes = StoredArray(self.store, manifest.list_sizes).read().astype(np.int64)
         if self.centroids.shape != (manifest.nlist, self.codec.d_ivf) or self.list_sizes.shape != (manifest.nlist,) \
@@ -88,16 +125,6 @@ class Index:
         row_bytes = self.codec.code_size + 8 + (4 * self.d if self.codec.refine else 0)
         self.lists = ListStore(self.store, manifest, self.list_sizes, row_bytes, cache_bytes, raw=self.codec.refine)
         self.defaults = SearchParams()
-
-    def _load_codec(self) -> CodecPipeline:
-        section = self.manifest.codec
-        if "spec" not in section:  # format versions 1 and 2: Flat, no transforms
-            return CodecPipeline.create(self.manifest.spec, self.manifest.d, self.manifest.metric)
-        arrays = section.get("arrays", {})
-        try:
-            return CodecPipeline.load(section, lambda name: StoredArray(self.store, arrays[name]).read())
-        except KeyError as exc:
-            raise IndexFormatError(f"{self.loc.url}: the manifest names no codec array {exc}") from None
 
     # ------------------------------------------------------------------ description
     url = property(lambda self: self.loc.url)
@@ -307,20 +334,10 @@ class Index:
             plan = self._coarse(kern, q, nprobe, max_codes)
             block, centers, probes, valid = self._lists_for(plan, allowed)
             lims, Dr, Ir = engine.range_search(kern, self.codec, q, block, centers, probes, valid, radius,
-                                               xq_raw=xq_raw[s:e], raw_centers=self._raw_centers_of(centers))
+                                               xq_raw=xq_raw[s:e], raw_centers=raw_centers(self.codec, centers))
             lims_parts.append(lims[1:] + base)
             base += int(lims[-1])
             D_parts.append(Dr)
             I_parts.append(Ir)
         cat = lambda parts, dt: np.concatenate(parts).astype(dt) if parts else np.empty(0, dt)  # noqa: E731
         return np.concatenate(lims_parts), cat(D_parts, np.float32), cat(I_parts, np.int64)
-
-    def _raw_centers_of(self, centers: np.ndarray) -> np.ndarray | None:
-        """Centroids mapped back to the original space (RFlat range search centres on them)."""
-        if not self.codec.refine:
-            return None
-        y = centers
-        for t in reversed(self.codec.transforms):
-            y = t.reverse(y)
-        return np.ascontiguousarray(y, dtype=np.float32)
-
