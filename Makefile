@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -qq --upgrade pip
-	$(PY) -m pip install -qq -e ".[test,bench]"
+	$(PY) -m pip install -qq -e ".[test,bench,serve]"
 	touch $@
 
 install: $(VENV)/.installed

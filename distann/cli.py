@@ -14,6 +14,7 @@ index as it was.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import io
 import json
@@ -100,6 +101,37 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(p, "--max-codes", "search", "max_codes", type=int, metavar="N")
     _opt(p, "--k-factor", "search", "k_factor", type=int, metavar="F")
     _opt(p, "--batch-size", "search", "batch_size", type=int, metavar="N")
+    _cluster_opts(p, "search")
+    _opt(p, "--replicas", "search", "replicas", type=int, metavar="R")
+
+    p = sub.add_parser("serve", parents=[common], help="serve an index over HTTP from a Dask cluster")
+    p.add_argument("index", nargs="?", help="URL of the index (or `index` in the config)")
+    p.add_argument("--config", metavar="FILE.yaml", help="serve job file; options given here override it")
+    _cluster_opts(p, "serve")
+    _opt(p, "--replicas", "serve", "replicas", type=int, metavar="R")
+    _opt(p, "--host", "serve", "host", metavar="HOST")
+    _opt(p, "--port", "serve", "port", type=int, metavar="PORT")
+    _opt(p, "--token", "serve", "token", metavar="TOKEN")
+    _opt(p, "--batch-wait-ms", "serve", "batch_wait_ms", type=float, metavar="MS")
+    _opt(p, "--max-batch", "serve", "max_batch", type=int, metavar="N")
+    _opt(p, "--deadline-ms", "serve", "deadline_ms", type=float, metavar="MS")
+    _opt(p, "--max-body-bytes", "serve", "max_body_bytes", type=int, metavar="B")
+    _opt(p, "--max-queries", "serve", "max_queries", type=int, metavar="N")
+    _opt(p, "--max-k", "serve", "max_k", type=int, metavar="K")
+    _opt(p, "--watch", "serve", "watch", type=float, metavar="SECONDS")
+
+    p = sub.add_parser("query", parents=[common], help="search a running search service, write D and I to an .npz")
+    p.add_argument("url", help="address of the service, e.g. http://127.0.0.1:8000")
+    p.add_argument("queries", help="URL of the queries (any source format)")
+    p.add_argument("--out", required=True, metavar="RESULT.npz", help="URL of the .npz result (D and I, or lims, D, I)")
+    p.add_argument("--column", metavar="C", help="vector column of Parquet queries (or the array of a Zarr group)")
+    p.add_argument("--k", type=int, default=10, metavar="K", help="neighbours per query (default 10)")
+    p.add_argument("--nprobe", type=int, default=None, metavar="P", help="inverted lists scanned per query")
+    p.add_argument("--radius", type=float, default=None, metavar="R", help="range search instead of k")
+    p.add_argument("--token", default=None, metavar="TOKEN", help="bearer token (default: $DISTANN_TOKEN)")
+    p.add_argument("--timeout-ms", type=float, default=None, metavar="MS", help="per-request deadline")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="accept results without some shards (coverage is printed) instead of an error")
 
     p = sub.add_parser("verify", parents=[common],
                        help="read every array of an index and check it against the manifest's checksums")
@@ -144,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # --------------------------------------------------------------------------- jobs
 
-_POSITIONALS = {"build": ("source", "index"), "search": ("index", "queries"), "kmeans": ("source", "out")}
+_POSITIONALS = {"build": ("source", "index"), "search": ("index", "queries"), "kmeans": ("source", "out"),
+                "serve": ("index",)}
 
 
 def _flag(kind: str, name: str) -> str:
@@ -244,12 +277,21 @@ def _cmd_search(args: argparse.Namespace) -> int:
     import dask.config
 
     import distann
+    from distann.cluster import check_cluster_args, client_context
 
     _check_output("--out", job.out)
+    distributed = job.workers is not None or job.scheduler is not None
+    if distributed:
+        check_cluster_args(job.workers, job.scheduler)
+    elif job.replicas != 1:
+        raise ValidationError("--replicas", job.replicas, "1 unless --workers or --scheduler is given")
     index = distann.open_index(job.index)
     xq = _read_queries(job.queries, job.column, index.d)
     settings = {} if job.batch_size is None else {"distann.search.batch-size": job.batch_size}
-    with dask.config.set(settings):
+    with dask.config.set(settings), contextlib.ExitStack() as stack:
+        if distributed:
+            client = stack.enter_context(client_context(job.workers, job.scheduler))
+            index = stack.enter_context(distann.open_index(job.index, client=client, replicas=job.replicas))
         t0 = time.perf_counter()
         if job.radius is None:
             D, I = index.search(xq, k=job.k, nprobe=job.nprobe, max_codes=job.max_codes, k_factor=job.k_factor)
@@ -262,6 +304,72 @@ def _cmd_search(args: argparse.Namespace) -> int:
     what = f"k={job.k}" if job.radius is None else f"radius={job.radius:g} ({len(I)} results)"
     log.info("searched %d queries, %s, nprobe=%d in %.2f s (%.0f QPS); wrote %s",
              len(xq), what, job.nprobe, elapsed, len(xq) / max(elapsed, 1e-9), job.out)
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    job: config.ServeJob = _job("serve", args)
+    try:
+        from distann.serve.app import ServeSettings
+        from distann.serve.server import make_holder, serve
+    except ImportError as exc:
+        raise ValidationError("serve", f"missing package {exc.name!r}",
+                              'the serve extra: pip install "distann[serve]"') from None
+    import distann
+    from distann.cluster import check_cluster_args, client_context
+
+    check_cluster_args(job.workers, job.scheduler)
+    distann.open_index(job.index, storage_options=job.storage_options)  # a bad URL fails before any cluster starts
+    _check_port_free(job.host, job.port)
+    token = job.token if job.token is not None else os.environ.get("DISTANN_TOKEN") or None
+    settings = ServeSettings(batch_wait_ms=job.batch_wait_ms, max_batch=job.max_batch, deadline_ms=job.deadline_ms,
+                             max_body_bytes=job.max_body_bytes, max_queries=job.max_queries, max_k=job.max_k,
+                             token=token, watch_seconds=job.watch)
+    with client_context(job.workers, job.scheduler) as client:
+        holder = make_holder(job.index, client, replicas=job.replicas, storage_options=job.storage_options)
+        try:
+            serve(holder, settings, host=job.host, port=job.port)
+        finally:
+            holder.close()
+    return 0
+
+
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        raise ValidationError("--port", port, f"a port that can be bound on {host}: {exc.strerror or exc}") from None
+
+
+def _cmd_query(args: argparse.Namespace) -> int:
+    from distann.serve.client import SearchClient
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise
+    if not re.match(r"https?://", args.url):
+        raise ValidationError("URL", args.url, "the http:// or https:// address of a running distann serve")
+    _check_output("--out", args.out)
+    with SearchClient(args.url, token=args.token) as service:
+        try:
+            d = service.info()["d"]
+        except OSError as exc:
+            raise ValidationError("URL", args.url, f"the address of a running distann serve: {exc}") from None
+        xq = _read_queries(args.queries, args.column, d)
+        extra = {"timeout_ms": args.timeout_ms, "allow_partial": args.allow_partial or None}
+        t0 = time.perf_counter()
+        if args.radius is None:
+            out = service.search_result(xq, k=args.k, nprobe=args.nprobe, **extra)
+            arrays = {"D": out["distances"], "I": out["ids"]}
+            coverage = out["coverage"]
+        else:
+            lims, D, I = service.range_search(xq, args.radius, nprobe=args.nprobe, **extra)
+            arrays, coverage = {"lims": lims, "D": D, "I": I}, None
+        elapsed = time.perf_counter() - t0
+    _save(args.out, lambda fh: np.savez(fh, **arrays))
+    log.info("queried %s: %d queries in %.2f s (%.0f QPS)%s; wrote %s", args.url, len(xq), elapsed,
+             len(xq) / max(elapsed, 1e-9), "" if coverage in (None, 1.0) else f", coverage {coverage:.3f}", args.out)
     return 0
 
 
@@ -373,7 +481,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {"build": _cmd_build, "search": _cmd_search, "verify": _cmd_verify, "info": _cmd_info,
-             "kmeans": _cmd_kmeans, "eval": _cmd_eval}
+             "kmeans": _cmd_kmeans, "eval": _cmd_eval, "serve": _cmd_serve, "query": _cmd_query}
 
 #: API parameter names that the command line spells otherwise
 _CLI_NAMES = {"index_url": "INDEX", "url": "INDEX", "xq": "QUERIES"}

@@ -44,7 +44,7 @@ code resolves tunables with :func:`get` on the client and passes the values into
 Job files
 ---------
 One frozen dataclass per command line job (:class:`BuildJob`, :class:`SearchJob`,
-:class:`KMeansJob`), loaded from YAML with :func:`load_config` or from a mapping with
+:class:`KMeansJob`, :class:`ServeJob`), loaded from YAML with :func:`load_config` or from a mapping with
 :func:`from_dict`. Keys are the field names (``chunk_rows``, not ``chunk-rows``). Everything
 is validated at load: unknown keys, wrong types and bad values raise
 :class:`~distann.errors.ValidationError` naming the key (``config.k`` for a mapping,
@@ -66,10 +66,10 @@ import dask.config
 import yaml
 
 from distann.errors import ValidationError
-from distann.validation import INITS, METRICS, check_choice, check_nonnegative_int, check_positive_int
+from distann.validation import INITS, METRICS, check_choice, check_nonnegative_int, check_positive_int, is_int
 
 __all__ = [
-    "DEFAULTS", "get", "BuildJob", "SearchJob", "KMeansJob", "JOB_KINDS", "from_dict",
+    "DEFAULTS", "get", "BuildJob", "SearchJob", "KMeansJob", "ServeJob", "JOB_KINDS", "from_dict",
     "load_config", "read_mapping", "kind_from_filename", "field_doc",
 ]
 
@@ -236,6 +236,12 @@ class SearchJob:
                               _optional(_positive), None)
     batch_size: int | None = _f("queries per batch (default: distann.search.batch-size)",
                                 _optional(_positive), None)
+    workers: int | None = _f("search on a LocalCluster of this many worker processes, the index's shards "
+                             "resident in their memory (default: in this process); excludes scheduler",
+                             _optional(_positive), None)
+    scheduler: str | None = _f("search on the Dask cluster of this scheduler (tcp://host:8786), the index's "
+                               "shards resident on its workers; excludes workers", _optional(_text), None)
+    replicas: int = _f("copies of each shard on distinct workers (with workers or scheduler)", _positive, 1)
 
 
 @dataclass(frozen=True)
@@ -257,15 +263,62 @@ class KMeansJob:
                                                 _optional(_options), None)
 
 
+def _port(value: object, param: str) -> int:
+    if not is_int(value) or not 1 <= value <= 65535:
+        raise ValidationError(param, value, "must be a TCP port number in [1, 65535]")
+    return int(value)
+
+
+def _nonnegative_real(value: object, param: str) -> float:
+    value = _real(value, param)
+    if value < 0:
+        raise ValidationError(param, value, "must be >= 0")
+    return value
+
+
+def _positive_real(value: object, param: str) -> float:
+    value = _real(value, param)
+    if not value > 0:
+        raise ValidationError(param, value, "must be > 0")
+    return value
+
+
+@dataclass(frozen=True)
+class ServeJob:
+    """Serve an index over HTTP from a Dask cluster (``distann serve``). Fields: see their ``doc``."""
+
+    index: str = _f("URL of the index to serve", _text)
+    workers: int | None = _f(_WORKERS, _optional(_positive), None)
+    scheduler: str | None = _f(_SCHEDULER, _optional(_text), None)
+    replicas: int = _f("copies of each shard, on distinct workers (a copy answers while another is lost)",
+                       _positive, 1)
+    host: str = _f("address to listen on (loopback by default; 0.0.0.0 exposes the service: set a token)",
+                   _text, "127.0.0.1")
+    port: int = _f("TCP port to listen on", _port, 8000)
+    token: str | None = _f("bearer token required on every request (default: $DISTANN_TOKEN; none if unset)",
+                           _optional(_text), None)
+    batch_wait_ms: float = _f("how long a request waits for others to share its batch; 0 disables micro-batching",
+                              _nonnegative_real, 2.0)
+    max_batch: int = _f("most query vectors in one micro-batch", _positive, 4096)
+    deadline_ms: float = _f("default per-request deadline (a request may set a shorter timeout_ms)",
+                            _positive_real, 30000.0)
+    max_body_bytes: int = _f("largest request body accepted (413 above)", _positive, 64 * 2**20)
+    max_queries: int = _f("most query vectors in one request", _positive, 65536)
+    max_k: int = _f("largest k a request may ask for", _positive, 1024)
+    watch: float | None = _f("check for a newly committed generation every this many seconds and switch to "
+                             "it once resident (default: only on POST /reload)", _optional(_positive_real), None)
+    storage_options: dict[str, Any] | None = _f("fsspec options of the index URL", _optional(_options), None)
+
+
 #: Keys of a job that exclude each other, with the reason given in the error.
 _CLUSTER = {("workers", "scheduler"): "workers starts a local cluster, scheduler joins one"}
 _EXCLUSIVE: dict[str, dict[tuple[str, str], str]] = {
-    "build": _CLUSTER, "kmeans": _CLUSTER,
-    "search": {("k", "radius"): "k asks for the k nearest neighbours, radius for all within a distance"},
+    "build": _CLUSTER, "kmeans": _CLUSTER, "serve": _CLUSTER,
+    "search": {("k", "radius"): "k asks for the k nearest neighbours, radius for all within a distance", **_CLUSTER},
 }
 
 #: Job kind (the command name, also the prefix of files in ``configs/``) to its dataclass.
-JOB_KINDS: dict[str, type] = {"build": BuildJob, "search": SearchJob, "kmeans": KMeansJob}
+JOB_KINDS: dict[str, type] = {"build": BuildJob, "search": SearchJob, "kmeans": KMeansJob, "serve": ServeJob}
 
 
 def _job_class(kind: str) -> type:
@@ -340,7 +393,7 @@ def read_mapping(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def kind_from_filename(path: str | os.PathLike[str]) -> str:
-    """The job kind of a config file from its name prefix: ``build-``, ``search-`` or ``kmeans-``."""
+    """The job kind of a config file from its name prefix: ``build-``, ``search-``, ``kmeans-`` or ``serve-``."""
     base = os.path.basename(os.fspath(path))
     for kind in JOB_KINDS:
         if base.startswith(f"{kind}-"):

@@ -27,7 +27,7 @@ MINIMAL = {
 def test_configs_directory_is_not_empty():
     names = {p.name for p in CONFIG_FILES}
     assert {"build-quickstart.yaml", "build-example.yaml", "search-example.yaml",
-            "kmeans-example.yaml"} <= names
+            "kmeans-example.yaml", "serve-example.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
