@@ -354,7 +354,7 @@ def _cmd_query(args: argparse.Namespace) -> int:
     with SearchClient(args.url, token=args.token) as service:
         try:
             d = service.info()["d"]
-        except OSError as exc:
+        except ConnectionError as exc:
             raise ValidationError("URL", args.url, f"the address of a running distann serve: {exc}") from None
         xq = _read_queries(args.queries, args.column, d)
         extra = {"timeout_ms": args.timeout_ms, "allow_partial": args.allow_partial or None}

@@ -322,10 +322,11 @@ class DistributedIndex:
                                                           allow_other_workers=True)))
         futures = [t[2] for t in tasks]
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        timed_out = False
         try:
             wait(futures, timeout=remaining)
         except TimeoutError:
-            pass
+            timed_out = True
         done, failed = [], []
         for s, npairs, f in tasks:
             (done if f.status == "finished" else failed).append((s, npairs, f))
@@ -337,7 +338,7 @@ class DistributedIndex:
         if failed:
             client.cancel([f for _, _, f in failed])
             names = sorted({self._names[s] for s, _, _ in failed})
-            timed_out = any(f.status == "pending" for _, _, f in failed)
+            timed_out = timed_out and any(f.status not in ("error", "finished") for _, _, f in failed)
             reasons = {type(f.exception()).__name__ + ": " + str(f.exception())
                        for _, _, f in failed if f.status == "error"}
             acc.missing.update(names)

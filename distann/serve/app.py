@@ -315,9 +315,9 @@ def _run(holder: IndexHolder, metrics: ServiceMetrics, request: tuple, xq: np.nd
     op, params = request
     allowed = None if params.ids_allowed is None else np.asarray(params.ids_allowed, dtype=np.int64)
     with holder.use() as index:  # one generation for the whole batch
-        timeout = None if deadline is None else deadline - time.monotonic()
-        if timeout is not None and timeout <= 0:
-            raise ShardsUnavailableError("the request's deadline passed before its batch started", [], timed_out=True)
+        # a deadline already passed still goes through the search: it fails (or, with
+        # allow_partial, answers what it has) naming the shards, as any late answer does
+        timeout = None if deadline is None else max(1e-6, deadline - time.monotonic())
         common = dict(max_codes=params.max_codes, ids_allowed=allowed, timeout=timeout,
                       allow_partial=params.allow_partial)
         if op == "knn":

@@ -26,6 +26,10 @@ class ServiceError(DistannError):
         super().__init__(f"HTTP {status}: {err.get('message', body)}")
 
 
+class ServiceUnreachableError(DistannError, ConnectionError):
+    """No service answered at the address (connection refused, timed out, name unknown)."""
+
+
 class SearchClient:
     """``SearchClient("http://127.0.0.1:8000", token=...)``; the token defaults to ``$DISTANN_TOKEN``."""
 
@@ -47,6 +51,14 @@ class SearchClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _send(self, method: str, path: str, **kw: Any):
+        import httpx
+
+        try:
+            return self._http.request(method, path, **kw)
+        except httpx.TransportError as exc:
+            raise ServiceUnreachableError(f"{self.url}{path}: {type(exc).__name__}: {exc}") from None
+
     def _check(self, response) -> Any:
         if response.status_code >= 400:
             try:
@@ -61,9 +73,9 @@ class SearchClient:
         params = {k: v for k, v in params.items() if v is not None}
         if xq.ndim == 2 and xq.size > self.raw_above and "ids_allowed" not in params:
             query = {k: (str(v).lower() if isinstance(v, bool) else v) for k, v in params.items()}
-            return self._check(self._http.post(path, params=query, content=np.ascontiguousarray(xq, "<f4").tobytes(),
+            return self._check(self._send("POST", path, params=query, content=np.ascontiguousarray(xq, "<f4").tobytes(),
                                                headers={"Content-Type": RAW, "Accept": RAW})), True
-        return self._check(self._http.post(path, json={"vectors": xq.tolist(), **params})), False
+        return self._check(self._send("POST", path, json={"vectors": xq.tolist(), **params})), False
 
     def search(self, xq, k: int = 10, nprobe: int | None = None, **params: Any) -> tuple[np.ndarray, np.ndarray]:
         """``(D, I)`` as ``Index.search`` (padding: +inf/-inf and -1)."""
@@ -119,10 +131,10 @@ class SearchClient:
         return self._metric_cache
 
     def health(self) -> dict[str, Any]:
-        return self._check(self._http.get("/health")).json()
+        return self._check(self._send("GET", "/health")).json()
 
     def info(self) -> dict[str, Any]:
-        return self._check(self._http.get("/info")).json()
+        return self._check(self._send("GET", "/info")).json()
 
     def reload(self) -> dict[str, Any]:
-        return self._check(self._http.post("/reload")).json()
+        return self._check(self._send("POST", "/reload")).json()
