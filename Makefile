@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: quickstart test test-all bench-build bench-search bench-codecs install clean
+.PHONY: quickstart test test-all bench-build bench-search bench-codecs bench-serve install clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ bench-search: $(VENV)/.installed
 ## Every codec against faiss-cpu on the same data (about 40 minutes on 2 cores)
 bench-codecs: $(VENV)/.installed
 	$(PY) jobs/bench_codecs.py
+
+## Cluster-hosted search: distributed vs local batch QPS, the HTTP service under load, a worker killed (about 15 minutes)
+bench-serve: $(VENV)/.installed
+	$(PY) jobs/bench_serve.py
 
 clean:
 	rm -rf $(VENV) data out .pytest_cache

@@ -48,6 +48,9 @@ from distann.validation import check_k, check_positive_int, check_radius
 
 log = logging.getLogger(__name__)
 
+#: a batch whose queries, repeated in every scan task, stay under this many bytes is sent inline
+_INLINE_BYTES = 1 << 20
+
 
 @dataclass
 class SearchResult:
@@ -309,7 +312,10 @@ class DistributedIndex:
         cuts = np.flatnonzero(np.diff(shard_of)) + 1
         bounds = list(zip(np.concatenate([[0], cuts]).astype(int), np.concatenate([cuts, [len(plan.lists)]]).astype(int)))
         bounds = [(a, b) for a, b in bounds if b > a]
-        batch = client.submit(batch_queries, q, q_raw, pure=False)
+        # Small batches travel inside each scan task; a large one once per worker, as a task
+        # of its own (computed, so a worker lost with it does not lose it).
+        inline = q.nbytes * (2 if q_raw is not None else 1) * max(1, len(bounds)) <= _INLINE_BYTES
+        batch = batch_queries(q, q_raw) if inline else client.submit(batch_queries, q, q_raw, pure=False)
         where, work = self._where(), {}
         tasks = []
         for a, b in bounds:
@@ -347,7 +353,8 @@ class DistributedIndex:
                 raise ShardsUnavailableError(f"{self.url}: {len(names)} shard(s) did not answer ({why}): "
                                              f"{', '.join(names[:20])}{' ...' if len(names) > 20 else ''}",
                                              names, timed_out=timed_out)
-        batch.release()
+        if not inline:
+            batch.release()
         return results
 
     # ------------------------------------------------------------------ merging

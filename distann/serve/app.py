@@ -57,7 +57,7 @@ class ServeSettings:
     max_k: int = 1024
     token: str | None = None
     watch_seconds: float | None = None
-    batch_threads: int = 4
+    inflight_batches: int = 2
 
     def public(self) -> dict[str, Any]:
         out = asdict(self)
@@ -149,7 +149,7 @@ def create_app(holder: IndexHolder, settings: ServeSettings | None = None) -> Fa
     metrics = ServiceMetrics(holder)
     batcher = MicroBatcher(lambda p, xq, dl: _run(holder, metrics, p, xq, dl), _split,
                            wait=settings.batch_wait_ms / 1000.0, max_batch=settings.max_batch,
-                           threads=settings.batch_threads, on_batch=metrics.batch)
+                           inflight=settings.inflight_batches, on_batch=metrics.batch)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
