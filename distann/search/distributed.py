@@ -94,12 +94,16 @@ class DistributedIndex:
         self._shard_starts = np.array([s.list_start for s in m.shards], dtype=np.int64)
         self._names = [s.name for s in m.shards]
         self._token = uuid.uuid4().hex[:12]
-        self._lease = ReaderLease(local.loc, m.generation) if lease else None
         self.shards: list[list] = []  # futures, [shard][replica]
         self._where_cache: tuple[dict | None, float] = (None, 0.0)
-        self._place()
-        if wait:
-            self.wait_resident()
+        self._lease = ReaderLease(local.loc, m.generation) if lease else None
+        try:
+            self._place()
+            if wait:
+                self.wait_resident()
+        except BaseException:
+            self.close()  # a failed open holds no shard and no lease
+            raise
 
     # ------------------------------------------------------------------ placement
     def _row_bytes(self) -> int:
@@ -323,16 +327,23 @@ class DistributedIndex:
             probes = self._shard_probes(plan, a, b, s)
             replica = self._pick(s, work, where, probes.npairs)
             w = where.get(replica.key)
-            tasks.append((s, probes.npairs, client.submit(fn, replica, batch, probes, *args, pure=False,
-                                                          workers=None if w is None else [w],
-                                                          allow_other_workers=True)))
+            hint = {} if w is None else {"workers": [w], "allow_other_workers": True}
+            tasks.append((s, probes.npairs, client.submit(fn, replica, batch, probes, *args, pure=False, **hint)))
         futures = [t[2] for t in tasks]
-        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         timed_out = False
-        try:
-            wait(futures, timeout=remaining)
-        except TimeoutError:
-            timed_out = True
+        while True:  # a finished scan whose result was lost with its worker is computed again
+            waiting = [f for f in futures if f.status not in ("finished", "error", "cancelled")]
+            if not waiting:
+                break
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                timed_out = True
+                break
+            try:
+                wait(waiting, timeout=remaining)
+            except TimeoutError:
+                timed_out = True
+                break
         done, failed = [], []
         for s, npairs, f in tasks:
             (done if f.status == "finished" else failed).append((s, npairs, f))
@@ -349,7 +360,8 @@ class DistributedIndex:
                        for _, _, f in failed if f.status == "error"}
             acc.missing.update(names)
             if not allow_partial:
-                why = "the deadline passed" if timed_out else "; ".join(sorted(reasons))[:500]
+                why = ("the deadline passed" if timed_out else "; ".join(sorted(reasons))[:500]
+                       or "their tasks were cancelled")
                 raise ShardsUnavailableError(f"{self.url}: {len(names)} shard(s) did not answer ({why}): "
                                              f"{', '.join(names[:20])}{' ...' if len(names) > 20 else ''}",
                                              names, timed_out=timed_out)
