@@ -84,9 +84,9 @@ def test_json_and_raw_answers_equal_local_search(service, data, expected):
         Dj, Ij = c.search(data[1], k=10, nprobe=8)
         c.raw_above = 0  # the same batch as a raw float32 body, answered raw
         Dr, Ir = c.search(data[1], k=10, nprobe=8)
-    for Dg, Ig in ((Dj, Ij), (Dr, Ir)):
-        np.testing.assert_array_equal(Ig, expected[1])
-        np.testing.assert_array_equal(Dg, expected[0])
+    for Dg, Ig in ((Dj, Ij), (Dr, Ir)):  # each shard scans only its queries: the kernel's query
+        np.testing.assert_array_equal(Ig, expected[1])  # blocking can round a last bit differently
+        np.testing.assert_allclose(Dg, expected[0], rtol=1e-6)
 
 
 def test_range_search_and_filter_equal_local(service, index_url, data):
@@ -274,9 +274,9 @@ def test_reload_while_queries_run_never_mixes_generations(client, data, tmp_path
         assert not errors
         gens = [g for g, _, _ in seen]
         assert set(gens) == {1, 2} and gens.index(2) > 0
-        for g, I, Dg in seen:
-            np.testing.assert_array_equal(I, expect[g][1])
-            np.testing.assert_array_equal(Dg, expect[g][0])
+        for g, I, Dg in seen:  # micro-batches mix the threads' queries: the Flat kernel's query
+            np.testing.assert_array_equal(I, expect[g][1])  # blocking may round the last bit differently
+            np.testing.assert_allclose(Dg, expect[g][0], rtol=1e-6)
         health = SearchClient(svc.url).health()
         assert health["generation"] == 2 and health["shards_resident"] == health["shards"]
     finally:

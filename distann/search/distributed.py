@@ -128,10 +128,8 @@ class DistributedIndex:
     def wait_resident(self, timeout: float | None = None) -> "DistributedIndex":
         """Block until every shard replica is in a worker's memory (IndexFormatError naming the
         shard if one cannot be loaded)."""
-        from distributed import wait
-
         futures = [f for reps in self.shards for f in reps]
-        wait(futures, timeout=timeout)
+        _wait(self.client, futures, timeout)
         for s, reps in enumerate(self.shards):
             for f in reps:
                 if f.status == "error":
@@ -307,8 +305,6 @@ class DistributedIndex:
 
     def _run(self, plan: ProbePlan, q: np.ndarray, q_raw, fn, args: tuple, deadline, allow_partial: bool,
              acc: "_Tally") -> list[ShardResult]:
-        from distributed import wait
-
         client = self.client
         if not self.shards:
             raise ValidationError("index", self, "an open distributed index (this one was closed)")
@@ -340,7 +336,7 @@ class DistributedIndex:
                 timed_out = True
                 break
             try:
-                wait(waiting, timeout=remaining)
+                _wait(client, waiting, remaining)
             except TimeoutError:
                 timed_out = True
                 break
@@ -421,6 +417,15 @@ def _merge_range(nq: int, results: list[ShardResult], kmetric: str):
     lims = np.zeros(nq + 1, np.int64)
     np.cumsum(np.bincount(q, minlength=nq), out=lims[1:])
     return lims, D[order], I[order]
+
+
+def _wait(client, futures: list, timeout: float | None) -> None:
+    """Wait until every future is done (TimeoutError after ``timeout`` s) on ``client``'s event
+    loop: ``distributed.wait`` uses the default client's, which may be another client's."""
+    from distributed import as_completed
+
+    for _ in as_completed(futures, loop=client.loop, timeout=timeout):
+        pass
 
 
 def _deadline(timeout: float | None) -> float | None:
