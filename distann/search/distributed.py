@@ -119,9 +119,9 @@ class DistributedIndex:
             for r, w in enumerate(chosen):
                 load[w] = load.get(w, 0) + sizes[s]
                 key = f"distann-shard-{self._token}-g{self.generation}-{s:05d}-r{r}"
+                hint = {} if w is None else {"workers": [w], "allow_other_workers": True}  # no workers yet: any
                 self.shards[s].append(self.client.submit(load_shard, self.local.loc, self.local.manifest, s, key=key,
-                                                         workers=None if w is None else [w],
-                                                         allow_other_workers=True, pure=False))
+                                                         pure=False, **hint))
         log.info("placing %d shard(s) x %d replica(s) of %s (%.1f MiB) on %d worker(s)", len(sizes), self.replicas,
                  self.url, sum(sizes) * self.replicas / 2**20, len(workers))
 
