@@ -263,7 +263,7 @@ def test_a_shard_answers_only_its_queries_with_at_most_k_each(client, make_index
         plan = local._coarse(kern, q, nprobe, None)
         _, P = kern.coarse_quantize(q, local.centroids, nprobe, kernel_metric(local.metric))
         nonempty = local.list_sizes[P] > 0
-        shard_of = np.searchsorted(di._shard_starts, plan.lists, side="right") - 1
+        shard_of = np.searchsorted(local.lists.shard_starts, plan.lists, side="right") - 1
         results, pairs = [], 0
         for s, entry in enumerate(local.manifest.shards):
             sel = np.flatnonzero(shard_of == s)

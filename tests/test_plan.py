@@ -80,3 +80,12 @@ def test_plan_probes_max_codes_truncates_in_probe_order(max_codes, expected):
     plan = plan_probes(np.array([[1, 0]]), np.array([5, 5]), max_codes)
     by_slot = sorted(zip(plan.group_slots.tolist(), plan.group_limits.tolist()))
     assert [lim for _, lim in by_slot] == expected
+
+
+def test_shard_runs_cut_probed_lists_by_shard():
+    from distann.search.plan import shard_runs
+
+    starts = np.array([0, 4, 10, 12])  # shards [0,4) [4,10) [10,12) [12,...)
+    lists = np.array([1, 3, 4, 9, 12, 20])
+    assert shard_runs(lists, starts) == [(0, 0, 2), (1, 2, 4), (3, 4, 6)]  # shard 2 not probed
+    assert shard_runs(np.array([], np.int64), starts) == []

@@ -41,7 +41,7 @@ from distann import config
 from distann.codecs.metric import kernel_metric
 from distann.errors import IndexFormatError, ShardsUnavailableError, ValidationError
 from distann.search.index import Index
-from distann.search.plan import ProbePlan
+from distann.search.plan import ProbePlan, shard_runs
 from distann.search.resident import ShardProbes, ShardResult, batch_queries, load_shard, range_shard, scan_shard
 from distann.store.readers import ReaderLease
 from distann.validation import check_k, check_positive_int, check_radius
@@ -91,7 +91,6 @@ class DistributedIndex:
         self.replicas = replicas
         m = local.manifest
         self._row_starts = np.concatenate([[0], np.cumsum([s.ntotal for s in m.shards])]).astype(np.int64)
-        self._shard_starts = np.array([s.list_start for s in m.shards], dtype=np.int64)
         self._names = [s.name for s in m.shards]
         self._token = uuid.uuid4().hex[:12]
         self.shards: list[list] = []  # futures, [shard][replica]
@@ -308,18 +307,14 @@ class DistributedIndex:
         client = self.client
         if not self.shards:
             raise ValidationError("index", self, "an open distributed index (this one was closed)")
-        shard_of = np.searchsorted(self._shard_starts, plan.lists, side="right") - 1
-        cuts = np.flatnonzero(np.diff(shard_of)) + 1
-        bounds = list(zip(np.concatenate([[0], cuts]).astype(int), np.concatenate([cuts, [len(plan.lists)]]).astype(int)))
-        bounds = [(a, b) for a, b in bounds if b > a]
+        runs = shard_runs(plan.lists, self.local.lists.shard_starts)
         # Small batches travel inside each scan task; a large one once per worker, as a task
         # of its own (computed, so a worker lost with it does not lose it).
-        inline = q.nbytes * (2 if q_raw is not None else 1) * max(1, len(bounds)) <= _INLINE_BYTES
+        inline = q.nbytes * (2 if q_raw is not None else 1) * max(1, len(runs)) <= _INLINE_BYTES
         batch = batch_queries(q, q_raw) if inline else client.submit(batch_queries, q, q_raw, pure=False)
         where, work = self._where(), {}
         tasks = []
-        for a, b in bounds:
-            s = int(shard_of[a])
+        for s, a, b in runs:
             probes = self._shard_probes(plan, a, b, s)
             replica = self._pick(s, work, where, probes.npairs)
             w = where.get(replica.key)

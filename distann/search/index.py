@@ -23,7 +23,7 @@ from distann.errors import IndexFormatError, ValidationError
 from distann.kernels import get_backend
 from distann.search import engine
 from distann.search.lists import ListStore
-from distann.search.plan import ProbePlan, expand_to_all_lists, plan_probes
+from distann.search.plan import ProbePlan, expand_to_all_lists, plan_probes, shard_runs
 from distann.store.arrays import CheckedStore, StoredArray, checksum
 from distann.store.location import Location
 from distann.store.manifest import Manifest, read_manifest
@@ -260,9 +260,7 @@ class Index:
         """The probed lists of a batch shard by shard, as (block, centers, probes, valid), the
         next shard read in a background thread while the caller scans the current one: a
         streamed batch costs about max(read, scan) and holds two shards' probed lists at most."""
-        shard_of = np.searchsorted(self.lists.shard_starts, plan.lists, side="right") - 1
-        cuts = np.flatnonzero(np.diff(shard_of)) + 1
-        bounds = list(zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(plan.lists)]])))
+        bounds = [(a, b) for _, a, b in shard_runs(plan.lists, self.lists.shard_starts)]
 
         def read(a: int, b: int):
             lists = plan.lists[a:b]

@@ -54,3 +54,16 @@ def expand_to_all_lists(plan: ProbePlan, nlist: int) -> np.ndarray:
     out = np.zeros(nlist + 1, dtype=np.int64)
     np.cumsum(counts, out=out[1:])
     return out
+
+
+def shard_runs(lists: np.ndarray, shard_starts: np.ndarray) -> list[tuple[int, int, int]]:
+    """``(shard, a, b)`` for each run ``lists[a:b]`` (ascending list numbers) that falls in one
+    shard, ``shard_starts`` being each shard's first list: how a batch's probed lists are cut
+    into per-shard work (streamed reads locally, one task per shard on a cluster)."""
+    if len(lists) == 0:
+        return []
+    shard_of = np.searchsorted(shard_starts, lists, side="right") - 1
+    cuts = np.flatnonzero(np.diff(shard_of)) + 1
+    starts = np.concatenate([[0], cuts]).astype(int)
+    stops = np.concatenate([cuts, [len(lists)]]).astype(int)
+    return [(int(shard_of[a]), int(a), int(b)) for a, b in zip(starts, stops)]
