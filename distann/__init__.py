@@ -16,6 +16,9 @@ _EXPORTS = {
     "Index": "distann.search.index",
     "DistributedIndex": "distann.search.distributed",
     "SearchResult": "distann.search.distributed",
+    "big_batch_search": "distann.bigbatch",
+    "open_result": "distann.bigbatch",
+    "BigBatchResult": "distann.bigbatch",
     "kmeans": "distann.train.api",
     "KMeansResult": "distann.train.kmeans",
     "open_source": "distann.sources",
@@ -49,6 +52,7 @@ def build(source, index_url, spec="IVF1024,Flat", metric="l2", ids=None, client=
 
 
 if TYPE_CHECKING:  # pragma: no cover
+    from distann.bigbatch import BigBatchResult, big_batch_search, open_result
     from distann.errors import (BuildConflictError, DistannError, IndexExistsError, IndexFormatError,
                                 ShardsUnavailableError, ValidationError)
     from distann.evaluation import brute_force_knn, recall_at_k, sweep_nprobe

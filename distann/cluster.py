@@ -182,9 +182,12 @@ def tree_reduce(client, futures: list, fn, fan_in: int = 2):
 _RUNNING = ("executing", "long-running", "cancelled", "resumed")
 
 
-def wait_all(futures: Sequence, desc: str, progress: bool, gather: bool = True) -> list | None:
+def wait_all(futures: Sequence, desc: str, progress: bool, gather: bool = True, eta: str | None = None) -> list | None:
     """Wait for ``futures``, raising the first task error as soon as it happens; return their
     results in order, or None with ``gather=False`` (results stay on the workers).
+
+    ``eta`` (what a task is, e.g. "list ranges"): log a time estimate once the first tenth of
+    the tasks has finished, and again at half way (the progress bar shows one all along).
 
     On an error or an interrupt the other futures are cancelled and this returns only once no
     worker is still running one of them (a running task cannot be stopped; it must not go on
@@ -195,12 +198,20 @@ def wait_all(futures: Sequence, desc: str, progress: bool, gather: bool = True) 
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(futures), desc=desc, unit="task")
+    t0, finished = time.perf_counter(), 0
+    marks = sorted({max(1, len(futures) // 10), max(1, len(futures) // 2)}) if eta and len(futures) > 1 else []
     try:
         for fut in as_completed(futures):
             if fut.status == "error":
                 fut.result()  # raises the task's exception
+            finished += 1
             if bar is not None:
                 bar.update(1)
+            if marks and finished == marks[0] and finished < len(futures):
+                marks.pop(0)
+                spent = time.perf_counter() - t0
+                log.info("%s: %d of %d %s done in %.1f s; about %.0f s left", desc, finished, len(futures), eta,
+                         spent, spent / finished * (len(futures) - finished))
     except BaseException:
         _cancel_and_drain(futures)
         raise

@@ -22,6 +22,10 @@ key                            default      meaning
 ``distann.search.reader-lease-seconds`` 60  a serving index's reader lease on its generation
                                             expires this long after its last renewal (see
                                             ``distann.store.readers``)
+``distann.bigbatch.chunk-rows`` 65536       queries handled by one bucket / reduce task of a
+                                            big-batch search
+``distann.bigbatch.range-bytes`` 67108864   stored list bytes read by one scan task of a
+                                            big-batch search (whole shards: at least one)
 ``distann.kernels.backend``    ``"numba"``  kernel backend (see ``distann.kernels``)
 =============================  ===========  ==================================================
 
@@ -81,6 +85,7 @@ DEFAULTS: dict[str, Any] = {
         "build": {"chunk-rows": 65536, "shard-bytes": 32 * 2**20, "lease-seconds": 60},
         "cluster": {"connect-timeout": 10},
         "search": {"cache-bytes": "auto", "batch-size": 16384, "reader-lease-seconds": 60},
+        "bigbatch": {"chunk-rows": 65536, "range-bytes": 64 * 2**20},
         "kernels": {"backend": "numba"},
     }
 }
@@ -101,6 +106,8 @@ _TUNABLE_CHECKS: dict[str, Callable[[str, object], Any]] = {
     "search.cache-bytes": lambda key, value: value if value == "auto" else check_nonnegative_int(key, value),
     "search.batch-size": check_positive_int,
     "search.reader-lease-seconds": check_positive_int,
+    "bigbatch.chunk-rows": check_positive_int,
+    "bigbatch.range-bytes": check_positive_int,
     "kernels.backend": _tunable_name,
 }
 

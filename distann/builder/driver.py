@@ -71,7 +71,7 @@ def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2"
     Only one build at a time may write an index URL: a second one fails with
     BuildConflictError while the first holds its lease (``docs/FORMAT.md``).
     """
-    from distann.sources import as_source
+    from distann.sources import as_source, resolve_ids
 
     ispec = parse_spec(spec)
     check_metric(metric)
@@ -86,9 +86,7 @@ def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2"
     if not isinstance(index_url, str) or not index_url:
         raise ValidationError("index_url", index_url, "a non-empty path or URL")
     src = as_source(source, column=column, storage_options=storage_options)
-    ids_src = _ids_source(ids, ids_column, src, storage_options)
-    if ids_src is not None and ids_src.n != src.n:
-        raise ValidationError("ids", f"{ids_src.n} ids", f"exactly one id per vector ({src.n})")
+    ids_src = resolve_ids(ids, ids_column, src, storage_options)
     if ispec.nlist > src.n:
         raise ValidationError("spec", spec, f"nlist ({ispec.nlist}) must be at most the number of training "
                                             f"vectors ({src.n})")
@@ -190,23 +188,6 @@ def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2"
     from distann.search.index import open_index
 
     return open_index(loc.url, storage_options=storage_options)
-
-
-def _ids_source(ids, ids_column: str | None, src, storage_options: dict | None):
-    """The ids of the build: a URL / array (``ids``), a column of the source itself
-    (``ids_column`` alone), or None for row numbers. Column errors name ``ids_column``."""
-    from distann.sources import as_ids
-
-    if ids is None and ids_column is None:
-        return None
-    try:
-        if ids is None:
-            return src.ids_from_column(ids_column)
-        return as_ids(ids, column=ids_column, storage_options=storage_options)
-    except ValidationError as exc:
-        if exc.param != "column":
-            raise
-        raise ValidationError("ids_column", exc.received, exc.allowed) from None
 
 
 def _check_training_size(codec: CodecPipeline, n_sample: int) -> None:

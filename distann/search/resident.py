@@ -54,19 +54,30 @@ class ResidentShard:
 
 def load_shard(loc: Location, manifest: Manifest, s: int) -> ResidentShard:
     """Read shard ``s`` of the committed index (checked against its manifest entry)."""
+    return load_shards(loc, manifest, s, s + 1, name=manifest.shards[s].name, index=s)
+
+
+def load_shards(loc: Location, manifest: Manifest, s0: int, s1: int, *, name: str, index: int) -> ResidentShard:
+    """Read shards ``[s0, s1)`` (consecutive, so their lists are one list range) as one block."""
     from distann.search.index import raw_centers, read_codec
 
     store = CheckedStore(loc.zarr_store(read_only=True), loc.url, strict=manifest.stores_every_chunk)
-    entry = manifest.shards[s]
+    entries = manifest.shards[s0:s1]
+    l0, l1 = entries[0].list_start, entries[-1].list_stop
     codec = read_codec(store, manifest, loc.url)
-    list_sizes = StoredArray(store, manifest.list_sizes).read(entry.list_start, entry.list_stop).astype(np.int64)
-    rows = ShardReader(store, entry, list_sizes, raw=codec.refine).read_all()
-    centers = np.ascontiguousarray(StoredArray(store, manifest.centroids).read(entry.list_start, entry.list_stop),
-                                   dtype=np.float32)
-    block = engine.ListBlock(np.arange(entry.list_start, entry.list_stop, dtype=np.int64),
-                             np.ascontiguousarray(rows.offsets, dtype=np.int64), np.ascontiguousarray(rows.codes),
-                             np.ascontiguousarray(rows.ids), rows.raw)
-    return ResidentShard(entry.name, s, entry.list_start, block, centers, raw_centers(codec, centers), codec)
+    list_sizes = StoredArray(store, manifest.list_sizes).read(l0, l1).astype(np.int64)
+    parts = [ShardReader(store, e, list_sizes[e.list_start - l0:e.list_stop - l0], raw=codec.refine).read_all()
+             for e in entries]
+    centers = np.ascontiguousarray(StoredArray(store, manifest.centroids).read(l0, l1), dtype=np.float32)
+    offsets = np.zeros(l1 - l0 + 1, dtype=np.int64)
+    np.cumsum(list_sizes, out=offsets[1:])
+    one = len(parts) == 1
+    codes = parts[0].codes if one else np.concatenate([p.codes for p in parts])
+    ids = parts[0].ids if one else np.concatenate([p.ids for p in parts])
+    raw = None if not codec.refine else parts[0].raw if one else np.concatenate([p.raw for p in parts])
+    block = engine.ListBlock(np.arange(l0, l1, dtype=np.int64), offsets, np.ascontiguousarray(codes),
+                             np.ascontiguousarray(ids), raw)
+    return ResidentShard(name, index, l0, block, centers, raw_centers(codec, centers), codec)
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,7 @@ __all__ = [
     "open_ids",
     "open_source",
     "read_ivecs",
+    "resolve_ids",
     "register_format",
     "write_bvecs",
     "write_fvecs",
@@ -210,3 +211,21 @@ def as_ids(obj: Any, *, column: str | None = None, storage_options: dict | None 
     if isinstance(obj, np.ndarray):
         return ArrayIdSource(obj)
     raise ValidationError("ids", type(obj).__name__, "need a URL, a path, an IdSource or a 1-D integer numpy array")
+
+
+def resolve_ids(ids: Any, ids_column: str | None, src: VectorSource, storage_options: dict | None = None, *,
+                param: str = "ids", column_param: str = "ids_column") -> IdSource | None:
+    """The ids of ``src``'s rows: a URL / array / IdSource (``ids``), a column of the source
+    itself (``ids_column`` alone), or None for row numbers; errors name ``param`` /
+    ``column_param``, and one id per vector is required."""
+    if ids is None and ids_column is None:
+        return None
+    try:
+        out = src.ids_from_column(ids_column) if ids is None else \
+            as_ids(ids, column=ids_column, storage_options=storage_options)
+    except ValidationError as exc:
+        name = {"column": column_param, "ids_column": column_param, "ids": param}.get(exc.param, exc.param)
+        raise ValidationError(name, exc.received, exc.allowed) from None
+    if out.n != src.n:
+        raise ValidationError(param, f"{out.n} ids", f"exactly one id per vector ({src.n})")
+    return out
