@@ -29,7 +29,7 @@ from distann import config
 from distann.bigbatch import output
 from distann.bigbatch.plan import job_key, plan_ranges
 from distann.bigbatch.tasks import (JobContext, bucket_chunk, reduce_knn, reduce_range, scan_range,
-                                    write_range_block, write_range_lims)
+                                    stores_exact_vectors, write_range_block, write_range_lims)
 from distann.bigbatch.work import WORK
 from distann.chunks import plan_chunks
 from distann.cluster import broadcast, check_cluster_args, client_context, wait_all
@@ -63,7 +63,7 @@ def big_batch_search(index, queries, k: int | None = None, nprobe: int | None = 
                      radius: float | None = None, client=None, format: str | None = None, overwrite: bool = False,
                      max_codes: int | None = None, k_factor: int | None = None, metric: str | None = None,
                      column: str | None = None, query_ids=None, query_ids_column: str | None = None,
-                     exclude_self: bool = False, chunk_rows: int | None = None, range_bytes: int | None = None,
+                     exclude_self: bool = False, exact: bool = False, chunk_rows: int | None = None, range_bytes: int | None = None,
                      storage_options: dict | None = None, workers: int | None = None, scheduler: str | None = None,
                      progress: bool = False) -> output.BigBatchResult:
     """Search ``index`` with every vector of ``queries`` on a Dask cluster; the results go to
@@ -75,7 +75,10 @@ def big_batch_search(index, queries, k: int | None = None, nprobe: int | None = 
     :meth:`Index.range_search` with the same parameters. ``queries``: any source URL (the
     index's own source for a self-join), a VectorSource or an array; ``query_ids`` /
     ``query_ids_column``: their ids (default row numbers), which ``exclude_self`` drops from
-    each query's results (a self-join). ``metric``: if given, must be the index's.
+    each query's results (a self-join). ``metric``: if given, must be the index's. ``exact``
+    (indexes storing exact vectors: ``IVF<n>,Flat`` without transform, or any RFlat): each
+    result's distance is recomputed in float64 from the stored vectors, and range mode keeps
+    exactly the results within ``radius`` by those distances.
 
     A job killed at any point leaves no committed result; rerun it with the same arguments
     to resume from the finished list ranges. ``overwrite`` replaces a committed result (or an
@@ -101,6 +104,11 @@ def big_batch_search(index, queries, k: int | None = None, nprobe: int | None = 
     k_factor = check_positive_int("k_factor", idx.defaults.k_factor if k_factor is None else k_factor)
     if not isinstance(exclude_self, bool):
         raise ValidationError("exclude_self", exclude_self, "True or False")
+    if not isinstance(exact, bool):
+        raise ValidationError("exact", exact, "True or False")
+    if exact and not stores_exact_vectors(idx.codec):
+        raise ValidationError("exact", exact, f"False for {idx.spec}: recomputing distances needs an index storing "
+                              "exact vectors (IVF<n>,Flat without a transform, or a ...,RFlat spec)")
     if not isinstance(overwrite, bool):
         raise ValidationError("overwrite", overwrite, "True or False")
     chunk_rows = check_positive_int("chunk_rows", chunk_rows if chunk_rows is not None
@@ -135,11 +143,11 @@ def big_batch_search(index, queries, k: int | None = None, nprobe: int | None = 
     key = job_key(index=idx.url, generation=m.generation, build_key=m.build_key, queries=src.fingerprint,
                   query_ids=getattr(qids, "fingerprint", None), mode=mode, k=k, radius=radius, nprobe=nprobe,
                   max_codes=max_codes, k_factor=k_factor if codec.refine else None, exclude_self=exclude_self,
-                  format=fmt, chunk_rows=chunk_rows, ranges=[(r.shard_start, r.shard_stop) for r in ranges])
+                  exact=exact, format=fmt, chunk_rows=chunk_rows, ranges=[(r.shard_start, r.shard_stop) for r in ranges])
     resume = _check_out(out_loc, work, key, overwrite)
     backend = config.get("kernels.backend")
     ctx = JobContext(idx.loc, m, work, out_loc, fmt, mode, k, k_factor, radius, nprobe, max_codes, exclude_self,
-                     backend, ranges)
+                     backend, ranges, exact)
     lease_loc = Location(posixpath.join(out_loc.url, "_distann"), dict(storage_options or {}))
     timings: dict[str, float] = {}
     with GenerationLease.acquire(lease_loc, 1, config.get("build.lease-seconds"),
@@ -198,7 +206,7 @@ def big_batch_search(index, queries, k: int | None = None, nprobe: int | None = 
             record = {"format_name": output.RESULT_FORMAT, "version": 1, "mode": mode, "format": fmt,
                       "nq": int(src.n), "k": k, "radius": radius, "nprobe": nprobe, "max_codes": max_codes,
                       "k_factor": k_factor if codec.refine else None, "exclude_self": exclude_self,
-                      "metric": idx.metric, "results": int(sum(totals)), "chunk_rows": chunk_rows,
+                      "exact": exact, "metric": idx.metric, "results": int(sum(totals)), "chunk_rows": chunk_rows,
                       "index": {"url": idx.url, "generation": m.generation, "spec": m.spec, "ntotal": m.ntotal},
                       "queries": src.url, "query_ids": getattr(qids, "url", None), "job_key": key,
                       "list_ranges": len(ranges), "resumed_ranges": int(sum(bool(s["skipped"]) for s in scanned)),

@@ -50,6 +50,7 @@ class JobContext:
     exclude_self: bool
     backend: str
     ranges: tuple[ListRange, ...]
+    exact: bool = False  # recompute each result's distance in float64 from the stored exact vectors
 
     @property
     def kk(self) -> int:
@@ -153,6 +154,7 @@ def scan_range(ctx: JobContext, rng: ListRange, chunk_names: list[str], query_id
     t_read = time.perf_counter() - t0
     sizes = np.diff(shard.block.offsets)
     refine = shard.codec.refine
+    ip = kernel_metric(ctx.manifest.metric) == "ip"
     results = 0
     for name in chunk_names:
         piece = read_npz(ctx.work, f"pieces/{name}/{rng.name}.npz")
@@ -164,11 +166,24 @@ def scan_range(ctx: JobContext, rng: ListRange, chunk_names: list[str], query_id
             part = {"rows": rows, "D": res.D, "I": res.I}
             if refine:  # global row positions (local search's tie rule), their ids and exact distances
                 part.update(I=np.where(res.I >= 0, res.I + rng.row_start, -1), ids=res.ids, exact=res.exact)
+            if ctx.exact:
+                at = _positions(shard, res.I if refine else None, res.I)
+                q = np.repeat(np.arange(len(rows)), res.I.shape[1]).reshape(res.I.shape)
+                Dx = exact_distances(shard, batch, q[at >= 0], at[at >= 0]).astype(np.float32)
+                key = "exact" if refine else "D"
+                part[key] = part[key].copy()
+                part[key][at >= 0] = Dx
         else:
-            res = range_shard(shard, batch, probes, ctx.radius, None, ctx.backend)
+            radius = widened(shard, ctx.radius) if ctx.exact else ctx.radius
+            res = range_shard(shard, batch, probes, radius, None, ctx.backend)
             counts = np.diff(res.lims)
-            q = np.repeat(rows, counts)
+            local = np.repeat(np.arange(len(rows)), counts)
             D, I = res.D, res.I
+            if ctx.exact:  # the kernel's float32 answer was widened; decide on exact distances
+                Dx = exact_distances(shard, batch, local, _positions(shard, None, I))
+                keep = Dx > ctx.radius if ip else Dx < ctx.radius
+                local, D, I = local[keep], Dx[keep].astype(np.float32), I[keep]
+            q = rows[local]
             if ctx.exclude_self:
                 first = int(rows[0])
                 own = _read_ids(query_ids, first, int(rows[-1]) + 1)
@@ -182,6 +197,61 @@ def scan_range(ctx: JobContext, rng: ListRange, chunk_names: list[str], query_id
               "read_seconds": round(t_read, 3), "vectors": rng.ntotal, "results": results}
     ctx.work.write_json(done, record)
     return {**record, "skipped": False}
+
+
+def stores_exact_vectors(codec: CodecPipeline) -> bool:
+    """Whether an index keeps each vector exactly (as the metric sees it): RFlat's raw vectors,
+    or Flat codes without a transform."""
+    return codec.refine or (codec.quantizer.kind == "Flat" and not codec.transforms)
+
+
+def _exact_rows(shard, batch) -> tuple[np.ndarray, np.ndarray]:
+    """(queries, stored vectors) in the space where they are exact: raw for RFlat, else IVF."""
+    return (batch[1], shard.block.raw) if shard.codec.refine else (batch[0], shard.block.codes)
+
+
+def _positions(shard, positions: np.ndarray | None, ids: np.ndarray) -> np.ndarray:
+    """Row positions in the shard's block of ``ids`` (-1 stays -1); ``positions`` if known."""
+    if positions is not None:
+        return positions
+    order = getattr(shard, "_id_order", None)
+    if order is None:
+        order = np.argsort(shard.block.ids, kind="stable")
+        object.__setattr__(shard, "_id_order", order)
+    found = np.searchsorted(shard.block.ids, ids, sorter=order)
+    return np.where(ids >= 0, order[np.minimum(found, len(order) - 1)], -1)
+
+
+def exact_distances(shard, batch, q: np.ndarray, pos: np.ndarray, block: int = 1 << 18) -> np.ndarray:
+    """float64 distances between query rows ``q`` of the batch and block rows ``pos``: squared
+    L2 for l2, inner product for ip and cosine (vectors normalized), without the
+    ``|x|^2 + |y|^2 - 2xy`` expansion the kernels use."""
+    xq, xb = _exact_rows(shard, batch)
+    out = np.empty(len(q), np.float64)
+    l2 = kernel_metric(shard.codec.metric) == "l2"
+    for s in range(0, len(q), block):
+        a = xq[q[s:s + block]].astype(np.float64)
+        b = xb[pos[s:s + block]].astype(np.float64)
+        out[s:s + block] = ((a - b) ** 2).sum(axis=1) if l2 else (a * b).sum(axis=1)
+    return out
+
+
+def widened(shard, radius: float) -> float:
+    """A radius a little looser than ``radius`` for the kernel's float32 pass, so that no pair
+    within ``radius`` by exact distance is lost to rounding (the exact pass then decides)."""
+    norms = _max_sq_norm(shard)
+    if kernel_metric(shard.codec.metric) == "l2":
+        return radius + 1e-4 * (1.0 + radius + 4.0 * norms)
+    return radius - 1e-4 * (1.0 + abs(radius) + norms)
+
+
+def _max_sq_norm(shard) -> float:
+    cached = getattr(shard, "_max_sq_norm", None)
+    if cached is None:
+        xb = shard.block.raw if shard.codec.refine else shard.block.codes
+        cached = float(np.einsum("ij,ij->i", xb, xb).max(initial=0.0)) if len(xb) else 0.0
+        object.__setattr__(shard, "_max_sq_norm", cached)
+    return cached
 
 
 # --------------------------------------------------------------------------- reduce side
