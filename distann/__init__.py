@@ -19,6 +19,7 @@ _EXPORTS = {
     "big_batch_search": "distann.bigbatch",
     "open_result": "distann.bigbatch",
     "BigBatchResult": "distann.bigbatch",
+    "dedup": "distann.dedup",
     "kmeans": "distann.train.api",
     "KMeansResult": "distann.train.kmeans",
     "open_source": "distann.sources",
@@ -53,6 +54,7 @@ def build(source, index_url, spec="IVF1024,Flat", metric="l2", ids=None, client=
 
 if TYPE_CHECKING:  # pragma: no cover
     from distann.bigbatch import BigBatchResult, big_batch_search, open_result
+    from distann.dedup import dedup
     from distann.errors import (BuildConflictError, DistannError, IndexExistsError, IndexFormatError,
                                 ShardsUnavailableError, ValidationError)
     from distann.evaluation import brute_force_knn, recall_at_k, sweep_nprobe
