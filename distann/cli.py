@@ -1,10 +1,12 @@
-"""The ``distann`` command line: build, search, verify, info, kmeans and eval.
+"""The ``distann`` command line: build, search (also ``--big-batch``), dedup, serve, query,
+verify, info, kmeans and eval.
 
-Jobs (build, search, kmeans) take their settings from an optional YAML file
+Jobs (build, search, kmeans, serve, dedup) take their settings from an optional YAML file
 (``--config``, see :mod:`distann.config` and ``configs/``) overridden by command line
 options; everything is validated before any work is scheduled. Progress bars (one per
 stage, only when stderr is a terminal, off with ``--no-progress``) and log messages go to
-stderr (:mod:`distann.logs`); only ``info``, ``verify`` and ``eval`` write results to stdout.
+stderr (:mod:`distann.logs`); only ``info``, ``verify``, ``eval`` and ``dedup`` (its summary)
+write results to stdout.
 A :class:`~distann.errors.DistannError` ends the command with its message on one line (no
 traceback) and exit status 2, like an argparse usage error; SIGINT and SIGTERM stop it
 cleanly (status 130 and 143), shutting down the embedded cluster and leaving the committed
@@ -103,6 +105,30 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(p, "--batch-size", "search", "batch_size", type=int, metavar="N")
     _cluster_opts(p, "search")
     _opt(p, "--replicas", "search", "replicas", type=int, metavar="R")
+    _opt(p, "--big-batch", "search", "big_batch", action="store_true")
+    _opt(p, "--format", "search", "format", metavar="FMT")
+    _opt(p, "--exclude-self", "search", "exclude_self", action="store_true")
+    _opt(p, "--query-ids-column", "search", "query_ids_column", metavar="C")
+    _opt(p, "--chunk-rows", "search", "chunk_rows", type=int, metavar="N")
+    _opt(p, "--overwrite", "search", "overwrite", action="store_true")
+
+    p = sub.add_parser("dedup", parents=[common], help="find near-duplicate groups; write a Parquet table and a summary")
+    p.add_argument("source", nargs="?", help="URL of the vectors (or `source` in the config)")
+    p.add_argument("--config", metavar="FILE.yaml", help="dedup job file; options given here override it")
+    _opt(p, "--threshold", "dedup", "threshold", type=float, metavar="T")
+    _opt(p, "--metric", "dedup", "metric", metavar="M")
+    _opt(p, "--out", "dedup", "out", metavar="OUT.parquet")
+    _opt(p, "--index", "dedup", "index", metavar="INDEX")
+    _opt(p, "--k", "dedup", "k", type=int, metavar="K")
+    _opt(p, "--nprobe", "dedup", "nprobe", type=int, metavar="P")
+    _opt(p, "--spec", "dedup", "spec", metavar="S")
+    _opt(p, "--representative", "dedup", "representative", metavar="POLICY")
+    _opt(p, "--column", "dedup", "column", metavar="C")
+    _opt(p, "--ids", "dedup", "ids", metavar="URL")
+    _opt(p, "--ids-column", "dedup", "ids_column", metavar="C")
+    _opt(p, "--chunk-rows", "dedup", "chunk_rows", type=int, metavar="N")
+    _cluster_opts(p, "dedup")
+    _opt(p, "--overwrite", "dedup", "overwrite", action="store_true")
 
     p = sub.add_parser("serve", parents=[common], help="serve an index over HTTP from a Dask cluster")
     p.add_argument("index", nargs="?", help="URL of the index (or `index` in the config)")
@@ -177,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------- jobs
 
 _POSITIONALS = {"build": ("source", "index"), "search": ("index", "queries"), "kmeans": ("source", "out"),
-                "serve": ("index",)}
+                "serve": ("index",), "dedup": ("source",)}
 
 
 def _flag(kind: str, name: str) -> str:
@@ -272,6 +298,22 @@ def _read_queries(url: str, column: str | None, d: int) -> np.ndarray:
     return np.ascontiguousarray(src.read_rows(0, src.n), dtype=np.float32)
 
 
+def _cmd_big_batch(job: config.SearchJob, args: argparse.Namespace) -> int:
+    import distann
+
+    if job.replicas != 1:
+        raise ValidationError("--replicas", job.replicas, "1 with --big-batch (it reads each list once from the store)")
+    if job.batch_size is not None:
+        raise ValidationError("--batch-size", job.batch_size, "not given with --big-batch (use --chunk-rows)")
+    result = distann.big_batch_search(
+        job.index, job.queries, k=None if job.radius is not None else job.k, nprobe=job.nprobe, radius=job.radius,
+        out=job.out, format=job.format, overwrite=job.overwrite, max_codes=job.max_codes, k_factor=job.k_factor,
+        column=job.column, query_ids_column=job.query_ids_column, exclude_self=job.exclude_self,
+        chunk_rows=job.chunk_rows, workers=job.workers, scheduler=job.scheduler, progress=_progress(args))
+    log.info("result: %r", result)
+    return 0
+
+
 def _cmd_search(args: argparse.Namespace) -> int:
     job: config.SearchJob = _job("search", args)
     import dask.config
@@ -279,6 +321,14 @@ def _cmd_search(args: argparse.Namespace) -> int:
     import distann
     from distann.cluster import check_cluster_args, client_context
 
+    if job.big_batch:
+        return _cmd_big_batch(job, args)
+    for name in ("format", "query_ids_column", "chunk_rows"):
+        if getattr(job, name) is not None:
+            raise ValidationError(_flag("search", name), getattr(job, name), "only with --big-batch")
+    for name in ("exclude_self", "overwrite"):
+        if getattr(job, name):
+            raise ValidationError(_flag("search", name), True, "only with --big-batch")
     _check_output("--out", job.out)
     distributed = job.workers is not None or job.scheduler is not None
     if distributed:
@@ -304,6 +354,19 @@ def _cmd_search(args: argparse.Namespace) -> int:
     what = f"k={job.k}" if job.radius is None else f"radius={job.radius:g} ({len(I)} results)"
     log.info("searched %d queries, %s, nprobe=%d in %.2f s (%.0f QPS); wrote %s",
              len(xq), what, job.nprobe, elapsed, len(xq) / max(elapsed, 1e-9), job.out)
+    return 0
+
+
+def _cmd_dedup(args: argparse.Namespace) -> int:
+    job: config.DedupJob = _job("dedup", args)
+    import distann
+
+    summary = distann.dedup(
+        job.source, job.threshold, job.metric, out=job.out, index=job.index, k=job.k, nprobe=job.nprobe,
+        spec=job.spec, representative=job.representative, column=job.column, ids=job.ids, ids_column=job.ids_column,
+        overwrite=job.overwrite, chunk_rows=job.chunk_rows, storage_options=job.storage_options, workers=job.workers,
+        scheduler=job.scheduler, progress=_progress(args))
+    print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -481,7 +544,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {"build": _cmd_build, "search": _cmd_search, "verify": _cmd_verify, "info": _cmd_info,
-             "kmeans": _cmd_kmeans, "eval": _cmd_eval, "serve": _cmd_serve, "query": _cmd_query}
+             "kmeans": _cmd_kmeans, "eval": _cmd_eval, "serve": _cmd_serve, "query": _cmd_query,
+             "dedup": _cmd_dedup}
 
 #: API parameter names that the command line spells otherwise
 _CLI_NAMES = {"index_url": "INDEX", "url": "INDEX", "xq": "QUERIES"}

@@ -48,7 +48,7 @@ code resolves tunables with :func:`get` on the client and passes the values into
 Job files
 ---------
 One frozen dataclass per command line job (:class:`BuildJob`, :class:`SearchJob`,
-:class:`KMeansJob`, :class:`ServeJob`), loaded from YAML with :func:`load_config` or from a mapping with
+:class:`KMeansJob`, :class:`ServeJob`, :class:`DedupJob`), loaded from YAML with :func:`load_config` or from a mapping with
 :func:`from_dict`. Keys are the field names (``chunk_rows``, not ``chunk-rows``). Everything
 is validated at load: unknown keys, wrong types and bad values raise
 :class:`~distann.errors.ValidationError` naming the key (``config.k`` for a mapping,
@@ -73,7 +73,7 @@ from distann.errors import ValidationError
 from distann.validation import INITS, METRICS, check_choice, check_nonnegative_int, check_positive_int, is_int
 
 __all__ = [
-    "DEFAULTS", "get", "BuildJob", "SearchJob", "KMeansJob", "ServeJob", "JOB_KINDS", "from_dict",
+    "DEFAULTS", "get", "BuildJob", "SearchJob", "KMeansJob", "ServeJob", "DedupJob", "JOB_KINDS", "from_dict",
     "load_config", "read_mapping", "kind_from_filename", "field_doc",
 ]
 
@@ -249,6 +249,16 @@ class SearchJob:
     scheduler: str | None = _f("search on the Dask cluster of this scheduler (tcp://host:8786), the index's "
                                "shards resident on its workers; excludes workers", _optional(_text), None)
     replicas: int = _f("copies of each shard on distinct workers (with workers or scheduler)", _positive, 1)
+    big_batch: bool = _f("big-batch mode: a Dask job over any number of queries that reads every list once; out "
+                         "is then a Zarr group or a .parquet folder, chunked by query", _flag, False)
+    format: str | None = _f("big-batch output format: zarr or parquet (default: from the extension of out)",
+                            _optional(_choice(("zarr", "parquet"))), None)
+    exclude_self: bool = _f("big-batch: drop each query's own id from its results (a self-join)", _flag, False)
+    query_ids_column: str | None = _f("big-batch: id column of the queries (Parquet / Zarr group), for "
+                                      "exclude_self and the output's query_id", _optional(_text), None)
+    chunk_rows: int | None = _f("big-batch: queries per task (default: distann.bigbatch.chunk-rows)",
+                                _optional(_positive), None)
+    overwrite: bool = _f("big-batch: replace an existing result at out", _flag, False)
 
 
 @dataclass(frozen=True)
@@ -267,6 +277,40 @@ class KMeansJob:
     scheduler: str | None = _f(_SCHEDULER, _optional(_text), None)
     column: str | None = _f("vector column of a Parquet source", _optional(_text), None)
     storage_options: dict[str, Any] | None = _f("fsspec options of the source and output URLs",
+                                                _optional(_options), None)
+
+
+def _threshold(value: object, param: str) -> float:
+    return _real(value, param)
+
+
+@dataclass(frozen=True)
+class DedupJob:
+    """Find the near-duplicate groups of a dataset (``distann dedup``). Fields: see their ``doc``."""
+
+    source: str = _f("URL of the vectors to deduplicate (any source format)", _text)
+    threshold: float = _f("duplicates: squared L2 distance at most this (l2), or similarity at least this "
+                          "(cosine, ip; e.g. 0.95)", _threshold)
+    out: str = _f("URL of the output: a Parquet folder (id, group_id, is_representative), with _summary.json "
+                  "and _similarity.png", _text)
+    metric: str = _f("distance: cosine, l2 (squared Euclidean) or ip (inner product)", _choice(METRICS), "cosine")
+    index: str | None = _f("reuse this index (built from SOURCE with row-number ids, Flat or RFlat) instead of "
+                           "building one", _optional(_text), None)
+    k: int | None = _f("keep at most k neighbours per vector (kNN self-join) instead of every pair within the "
+                       "threshold", _optional(_positive), None)
+    nprobe: int | None = _f("lists probed per vector (default: nlist / 64, at least 8)", _optional(_positive), None)
+    spec: str | None = _f("index to build (default IVF<n>,Flat with n about sqrt(vectors)); Flat or RFlat",
+                          _optional(_spec), None)
+    representative: str = _f("which member represents a group: lowest-id or centroid (closest to the group's "
+                             "mean)", _choice(("lowest-id", "centroid")), "lowest-id")
+    column: str | None = _f("vector column of a Parquet source (or the array of a Zarr group)", _optional(_text), None)
+    ids: str | None = _f("URL of int64 ids, one per vector (default: row numbers)", _optional(_text), None)
+    ids_column: str | None = _f("id column of a Parquet source (or array of a Zarr group)", _optional(_text), None)
+    overwrite: bool = _f("replace an existing result at out", _flag, False)
+    chunk_rows: int | None = _f("vectors per task (default: distann.bigbatch.chunk-rows)", _optional(_positive), None)
+    workers: int | None = _f(_WORKERS, _optional(_positive), None)
+    scheduler: str | None = _f(_SCHEDULER, _optional(_text), None)
+    storage_options: dict[str, Any] | None = _f("fsspec options of the source, index and output URLs",
                                                 _optional(_options), None)
 
 
@@ -320,12 +364,13 @@ class ServeJob:
 #: Keys of a job that exclude each other, with the reason given in the error.
 _CLUSTER = {("workers", "scheduler"): "workers starts a local cluster, scheduler joins one"}
 _EXCLUSIVE: dict[str, dict[tuple[str, str], str]] = {
-    "build": _CLUSTER, "kmeans": _CLUSTER, "serve": _CLUSTER,
+    "build": _CLUSTER, "kmeans": _CLUSTER, "serve": _CLUSTER, "dedup": _CLUSTER,
     "search": {("k", "radius"): "k asks for the k nearest neighbours, radius for all within a distance", **_CLUSTER},
 }
 
 #: Job kind (the command name, also the prefix of files in ``configs/``) to its dataclass.
-JOB_KINDS: dict[str, type] = {"build": BuildJob, "search": SearchJob, "kmeans": KMeansJob, "serve": ServeJob}
+JOB_KINDS: dict[str, type] = {"build": BuildJob, "search": SearchJob, "kmeans": KMeansJob, "serve": ServeJob,
+                              "dedup": DedupJob}
 
 
 def _job_class(kind: str) -> type:
