@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: quickstart test test-all bench-build bench-search bench-codecs bench-serve install clean
+.PHONY: quickstart test test-all bench-build bench-search bench-codecs bench-serve bench-bigbatch install clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ bench-codecs: $(VENV)/.installed
 ## Cluster-hosted search: distributed vs local batch QPS, the HTTP service under load, a worker killed (about 15 minutes)
 bench-serve: $(VENV)/.installed
 	$(PY) jobs/bench_serve.py
+
+## Dedup and self-kNN at 1M x 64 against exact brute force and faiss-cpu, worker memory vs queries
+bench-bigbatch: $(VENV)/.installed
+	$(PY) jobs/bench_bigbatch.py
 
 clean:
 	rm -rf $(VENV) data out .pytest_cache

@@ -85,6 +85,7 @@ def test_planted_groups_are_found_exactly(xs, client, tmp_path):
                       chunk_rows=700)
     got = check(tmp_path / "o.parquet", x, 0.999, "cosine")
     sizes = np.bincount(np.unique(got["group_id"], return_inverse=True)[1])
+    assert s["pairs"] == 60 * 3  # each group of 3 near copies: 3 pairs, each counted once
     assert s["exact_duplicates"] == 40 and s["group_sizes"] == {"1": 3000 - 60 * 3 - 80, "2": 40, "3": 60}
     assert s["groups"] == len(sizes) == 3000 - 60 * 2 - 40 and s["duplicates_removed"] == 160
     assert json.loads((tmp_path / "o.parquet" / "_summary.json").read_text()) == s

@@ -27,7 +27,7 @@ import numpy as np
 
 from distann import config
 from distann.bigbatch import output
-from distann.bigbatch.plan import job_key, plan_ranges
+from distann.bigbatch.plan import job_key, plan_ranges, ranges_of
 from distann.bigbatch.tasks import (JobContext, bucket_chunk, reduce_knn, reduce_range, scan_range,
                                     stores_exact_vectors, write_range_block, write_range_lims)
 from distann.bigbatch.work import WORK
@@ -83,8 +83,9 @@ def big_batch_search(index, queries, k: int | None = None, nprobe: int | None = 
     A job killed at any point leaves no committed result; rerun it with the same arguments
     to resume from the finished list ranges. ``overwrite`` replaces a committed result (or an
     unfinished job with other parameters) at ``out``. ``chunk_rows`` (queries per task) and
-    ``range_bytes`` (stored list bytes per scan task) bound each worker's memory
-    (``distann.bigbatch.*`` settings by default). ``client``: a ``distributed.Client``; with
+    ``range_bytes`` (stored list bytes per scan task, lowered to give at least two list ranges
+    per worker when the shards allow) bound each worker's memory (``distann.bigbatch.*``
+    settings by default). ``client``: a ``distributed.Client``; with
     none, an embedded LocalCluster (``workers``) is started, or ``scheduler`` is joined.
     """
     from distann.sources import as_source, resolve_ids
@@ -138,16 +139,13 @@ def big_batch_search(index, queries, k: int | None = None, nprobe: int | None = 
     m = idx.manifest
     codec = idx.codec
     row_bytes = codec.code_size + 8 + (4 * idx.d if codec.refine else 0)
-    ranges = plan_ranges(m, row_bytes, range_bytes)
     chunks = plan_chunks(src.n, chunk_rows)
     key = job_key(index=idx.url, generation=m.generation, build_key=m.build_key, queries=src.fingerprint,
                   query_ids=getattr(qids, "fingerprint", None), mode=mode, k=k, radius=radius, nprobe=nprobe,
                   max_codes=max_codes, k_factor=k_factor if codec.refine else None, exclude_self=exclude_self,
-                  exact=exact, format=fmt, chunk_rows=chunk_rows, ranges=[(r.shard_start, r.shard_stop) for r in ranges])
+                  exact=exact, format=fmt, chunk_rows=chunk_rows, range_bytes=range_bytes)
     resume = _check_out(out_loc, work, key, overwrite)
     backend = config.get("kernels.backend")
-    ctx = JobContext(idx.loc, m, work, out_loc, fmt, mode, k, k_factor, radius, nprobe, max_codes, exclude_self,
-                     backend, ranges, exact)
     lease_loc = Location(posixpath.join(out_loc.url, "_distann"), dict(storage_options or {}))
     timings: dict[str, float] = {}
     with GenerationLease.acquire(lease_loc, 1, config.get("build.lease-seconds"),
@@ -156,12 +154,20 @@ def big_batch_search(index, queries, k: int | None = None, nprobe: int | None = 
         try:
             if not resume:
                 _clear(out_loc)
-            work.write_json("job.json", {"key": key, "started": _now(), "ranges": len(ranges),
-                                         "chunks": len(chunks)})
+            planned = work.read_json("job.json").get("ranges") if resume else None
+            work.write_json("job.json", {"key": key, "started": _now(), "ranges": planned})
             if mode == "knn" and fmt == "zarr" and not (resume and out_loc.exists("ids/zarr.json")):
                 output.create_zarr_knn(out_loc, src.n, k, chunk_rows)
             with client_context(workers=workers, scheduler=scheduler, client=client) as c:
                 _check_reachable(c, out_loc, src, qids)
+                if planned is None:  # at least two list ranges per worker when the shards allow it
+                    nworkers = max(1, len(c.scheduler_info(n_workers=-1)["workers"]))
+                    target = min(range_bytes, -(-idx.lists.nbytes // (2 * nworkers)))
+                    planned = [(r.shard_start, r.shard_stop) for r in plan_ranges(m, row_bytes, max(1, target))]
+                    work.write_json("job.json", {"key": key, "started": _now(), "ranges": planned})
+                ranges = ranges_of(m, planned)  # a resumed job keeps the plan of its first run
+                ctx = JobContext(idx.loc, m, work, out_loc, fmt, mode, k, k_factor, radius, nprobe, max_codes,
+                                 exclude_self, backend, ranges, exact)
                 t0 = time.perf_counter()
                 cf, pf = broadcast(c, idx.centroids), broadcast(c, codec)
                 sf = broadcast(c, idx.list_sizes)

@@ -60,6 +60,14 @@ def plan_ranges(manifest: Manifest, row_bytes: int, range_bytes: int) -> tuple[L
     return tuple(ranges)
 
 
+def ranges_of(manifest: Manifest, bounds: list) -> tuple[ListRange, ...]:
+    """The list ranges of ``bounds``, ``(shard_start, shard_stop)`` pairs (a persisted plan)."""
+    rows = np.concatenate([[0], np.cumsum([s.ntotal for s in manifest.shards])]).astype(np.int64)
+    shards = manifest.shards
+    return tuple(ListRange(i, int(a), int(b), shards[a].list_start, shards[b - 1].list_stop, int(rows[a]), int(rows[b]))
+                 for i, (a, b) in enumerate(bounds))
+
+
 def range_of_lists(ranges: tuple[ListRange, ...], lists: np.ndarray) -> np.ndarray:
     """The range index of each list number in ``lists`` (any shape)."""
     starts = np.array([r.list_start for r in ranges], dtype=np.int64)

@@ -221,9 +221,10 @@ def dedup(source, threshold: float, metric: str = "cosine", *, out: str, index=N
                 parts = [f"part-{i:06d}.parquet" for i in range(len(plan_chunks(nu, chunk_rows)))]
                 pf = [c.submit(T.pair_forest, result.loc, p, result.mode, threshold, ip, i, pure=False)
                       for i, p in enumerate(parts)]
-                got = wait_all([c.submit(lambda r: (r[1], r[2]), f, pure=False) for f in pf], "pairs", progress)
-                npairs = int(sum(g[0] for g in got))
-                samples = [g[1] for g in got]
+                samples = wait_all([c.submit(lambda r: r[2], f, pure=False) for f in pf], "pairs", progress)
+                unique = tree_reduce(c, [c.submit(lambda r: r[1], f, pure=False) for f in pf], T.merge_pairs)
+                npairs = int(c.submit(len, unique, pure=False).result())
+                del unique
                 forests += [c.submit(lambda r: r[0], f, pure=False) for f in pf]
             # ---- groups
             t0 = time.perf_counter()

@@ -72,9 +72,10 @@ def compact_chunk(work: Location, src, chunk: ChunkTask, *dup_rows: np.ndarray) 
 
 
 def pair_forest(result_loc: Location, part: str, mode: str, threshold: float, ip: bool,
-                seed: int) -> tuple[tuple[np.ndarray, np.ndarray], int, np.ndarray]:
+                seed: int) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray, np.ndarray]:
     """The pairs of one part of the self-join (rows of the source at both ends; kNN results
-    filtered by the threshold): their forest, their number and a sample of their distances."""
+    filtered by the threshold): their forest, the pairs (lower row, higher row), unique, and a
+    sample of their distances."""
     import pyarrow.parquet as pq
 
     with result_loc.fs.open(result_loc.path(part), "rb") as fh:
@@ -96,7 +97,12 @@ def pair_forest(result_loc: Location, part: str, mode: str, threshold: float, ip
         lo, hi, d = lo[key], hi[key], d[key]
     rng = np.random.default_rng(seed)
     sample = d if len(d) <= SAMPLE_PER_PART else rng.choice(d, SAMPLE_PER_PART, replace=False)
-    return forest(lo, hi), int(len(lo)), np.sort(sample)
+    return forest(lo, hi), np.stack([lo, hi], axis=1), np.sort(sample)
+
+
+def merge_pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The union of two sets of pairs (a pair found from both of its ends counts once)."""
+    return np.unique(np.concatenate([a, b]), axis=0)
 
 
 def group_stats(f: tuple[np.ndarray, np.ndarray], chunk: ChunkTask, ids_src, src, centroid: bool) -> tuple:
