@@ -154,6 +154,45 @@ def client_context(workers: int | None = None, scheduler: str | None = None,
         yield c
 
 
+def check_reachable(client, loc, loc_param: str, marker: str, sources: dict) -> None:
+    """Every worker must reach ``loc`` (see its file ``marker``) and read each of ``sources``
+    (``{param: source or None}``) as the client does: memory:// lives in one process, and a
+    local path must be on a filesystem the workers share. Errors name the parameter."""
+    from distann.sources.memory import ArrayIdSource, ArraySource
+
+    pids = set(client.run(os.getpid).values())
+    if pids != {os.getpid()}:
+        if loc.is_process_local:
+            raise ValidationError(loc_param, loc.url, "a path or URL every worker process can reach "
+                                  "(memory:// exists only in one process; use a threads-only cluster for it)")
+        for param, source in sources.items():
+            if str(getattr(source, "url", "")).startswith("memory://"):
+                raise ValidationError(param, source.url, "a path or URL every worker process can reach "
+                                      "(memory:// exists only in one process)")
+    blind = sorted(w for w, seen in client.run(loc.exists, marker).items() if not seen)
+    if blind:
+        raise ValidationError(loc_param, loc.url, f"a location every worker can reach; worker(s) {', '.join(blind)} "
+                              "do not see it (a local path must be on a filesystem shared with the workers; "
+                              "or use an object store URL)")
+    for param, source in sources.items():
+        if source is None or isinstance(source, (ArraySource, ArrayIdSource)):  # the data travel with the tasks
+            continue
+        failed = {w: r for w, r in client.run(_can_read, source).items() if r}
+        if failed:
+            w, reason = sorted(failed.items())[0]
+            raise ValidationError(param, source.url, f"a source every worker can read; {len(failed)} worker(s) "
+                                  f"cannot, e.g. {w}: {reason}")
+
+
+def _can_read(source) -> str:
+    """'' if this process can read the first row of ``source``, else why not."""
+    try:
+        source.read_rows(0, 1) if hasattr(source, "read_rows") else source.read(0, 1)
+    except Exception as exc:  # noqa: BLE001 - reported to the client as the reason
+        return f"{type(exc).__name__}: {exc}"
+    return ""
+
+
 # --------------------------------------------------------------------------- working with futures
 
 def broadcast(client, data):

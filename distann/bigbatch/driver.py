@@ -30,10 +30,10 @@ from distann.bigbatch import output
 from distann.bigbatch.plan import job_key, plan_ranges, ranges_of
 from distann.bigbatch.tasks import (JobContext, bucket_chunk, reduce_knn, reduce_range, scan_range,
                                     stores_exact_vectors, write_range_block, write_range_lims)
-from distann.bigbatch.work import WORK
+from distann.bigbatch.work import WORK, check_output
 from distann.chunks import plan_chunks
-from distann.cluster import broadcast, check_cluster_args, client_context, wait_all
-from distann.errors import IndexExistsError, ValidationError
+from distann.cluster import broadcast, check_cluster_args, check_reachable, client_context, wait_all
+from distann.errors import ValidationError
 from distann.store.lease import GenerationLease
 from distann.store.location import Location
 from distann.store.readers import ReaderLease
@@ -144,7 +144,7 @@ def big_batch_search(index, queries, k: int | None = None, nprobe: int | None = 
                   query_ids=getattr(qids, "fingerprint", None), mode=mode, k=k, radius=radius, nprobe=nprobe,
                   max_codes=max_codes, k_factor=k_factor if codec.refine else None, exclude_self=exclude_self,
                   exact=exact, format=fmt, chunk_rows=chunk_rows, range_bytes=range_bytes)
-    resume = _check_out(out_loc, work, key, overwrite)
+    resume = check_output(out_loc, work, key, overwrite, output.RESULT_PATH, _OURS, "big-batch result")
     backend = config.get("kernels.backend")
     lease_loc = Location(posixpath.join(out_loc.url, "_distann"), dict(storage_options or {}))
     timings: dict[str, float] = {}
@@ -159,7 +159,7 @@ def big_batch_search(index, queries, k: int | None = None, nprobe: int | None = 
             if mode == "knn" and fmt == "zarr" and not (resume and out_loc.exists("ids/zarr.json")):
                 output.create_zarr_knn(out_loc, src.n, k, chunk_rows)
             with client_context(workers=workers, scheduler=scheduler, client=client) as c:
-                _check_reachable(c, out_loc, src, qids)
+                check_reachable(c, out_loc, "out", "_distann/work/job.json", {"queries": src, "query_ids": qids})
                 if planned is None:  # at least two list ranges per worker when the shards allow it
                     nworkers = max(1, len(c.scheduler_info(n_workers=-1)["workers"]))
                     target = min(range_bytes, -(-idx.lists.nbytes // (2 * nworkers)))
@@ -235,34 +235,6 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _check_out(out: Location, work: Location, key: str, overwrite: bool) -> bool:
-    """Whether ``out`` holds an unfinished run of this same job (resume); refuse a committed
-    result, another job's unfinished work or foreign files unless ``overwrite``."""
-    if out.fs.isfile(out.root):
-        if not overwrite:
-            raise IndexExistsError(f"{out.url}: a file exists there; pass overwrite=True (--overwrite) to replace it")
-        out.fs.rm(out.root)
-        return False
-    if out.exists(output.RESULT_PATH):
-        if not overwrite:
-            raise IndexExistsError(f"{out.url}: a committed big-batch result is there; pass overwrite=True "
-                                   "(--overwrite) to replace it")
-        return False
-    if work.exists("job.json"):
-        if work.read_json("job.json").get("key") == key:
-            return True
-        if not overwrite:
-            raise IndexExistsError(f"{out.url}: holds an unfinished big-batch job with other parameters; rerun that "
-                                   "job to finish it, or pass overwrite=True (--overwrite) to replace it")
-        return False
-    foreign = [n for n in out.list_dir("") if n not in _OURS]
-    if foreign and not overwrite:
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise IndexExistsError(f"{out.url}: exists and holds {shown}; choose a new path, or pass overwrite=True "
-                               "(--overwrite) to replace it")
-    return False
-
-
 def _clear(out: Location) -> None:
     """Empty the output folder (checked by ``_check_out``: ours, or overwrite was given)."""
     for name in out.list_dir(""):
@@ -290,30 +262,3 @@ def _layout_range(client, ctx: JobContext, chunks, totals: list[int], nq: int, c
         owners = [(chunks[i].name, int(bases[i]), int(totals[i])) for i in range(max(0, lo), min(len(chunks), hi))]
         tasks.append(client.submit(write_range_block, ctx, start, stop, owners, pure=False))
     wait_all(tasks, "layout", progress, gather=False)
-
-
-def _check_reachable(client, out: Location, src, qids) -> None:
-    """Every worker must reach the output folder and read the queries as the client does."""
-    from distann.builder.driver import _can_read
-    from distann.sources.memory import ArrayIdSource, ArraySource
-
-    pids = set(client.run(os.getpid).values())
-    if pids != {os.getpid()}:
-        if out.is_process_local:
-            raise ValidationError("out", out.url, "a path or URL every worker process can reach (memory:// exists "
-                                  "only in one process)")
-        if str(getattr(src, "url", "")).startswith("memory://"):
-            raise ValidationError("queries", src.url, "a path or URL every worker process can reach")
-    blind = sorted(w for w, seen in client.run(out.exists, "_distann/work/job.json").items() if not seen)
-    if blind:
-        raise ValidationError("out", out.url, f"a location every worker can reach; worker(s) {', '.join(blind)} do "
-                              "not see it (a local path must be on a filesystem shared with the workers)")
-    for param, source in (("queries", src), ("query_ids", qids)):
-        if source is None or isinstance(source, (ArraySource, ArrayIdSource)):
-            continue
-        failed = {w: r for w, r in client.run(_can_read, source).items() if r}
-        if failed:
-            w, reason = sorted(failed.items())[0]
-            raise ValidationError(param, source.url, f"a source every worker can read; {len(failed)} worker(s) "
-                                  f"cannot, e.g. {w}: {reason}")
-

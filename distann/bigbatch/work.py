@@ -22,6 +22,7 @@ import os
 
 import numpy as np
 
+from distann.errors import IndexExistsError
 from distann.store.location import Location
 
 WORK = "_distann/work"
@@ -47,3 +48,33 @@ def write_npz(loc: Location, rel: str, arrays: dict[str, np.ndarray]) -> None:
 def read_npz(loc: Location, rel: str) -> dict[str, np.ndarray]:
     with np.load(io.BytesIO(loc.read_bytes(rel)), allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
+
+
+def check_output(out: Location, work: Location, key: str, overwrite: bool, commit: str, ours: tuple[str, ...],
+                 what: str) -> bool:
+    """Whether ``out`` holds an unfinished run of the job ``key`` (resume it). A committed result
+    (its ``commit`` file), another job's unfinished work, a file or foreign files at ``out`` are
+    refused unless ``overwrite`` (a file is then removed; the folder is emptied by the caller)."""
+    if out.fs.isfile(out.root):
+        if not overwrite:
+            raise IndexExistsError(f"{out.url}: a file exists there; pass overwrite=True (--overwrite) to replace it")
+        out.fs.rm(out.root)
+        return False
+    if out.exists(commit):
+        if not overwrite:
+            raise IndexExistsError(f"{out.url}: a committed {what} is there; pass overwrite=True (--overwrite) to "
+                                   "replace it")
+        return False
+    if work.exists("job.json"):
+        if work.read_json("job.json").get("key") == key:
+            return True
+        if not overwrite:
+            raise IndexExistsError(f"{out.url}: holds an unfinished {what} job with other parameters; rerun that "
+                                   "job to finish it, or pass overwrite=True (--overwrite) to replace it")
+        return False
+    foreign = [n for n in out.list_dir("") if n not in ours]
+    if foreign and not overwrite:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise IndexExistsError(f"{out.url}: exists and holds {shown}; choose a new path, or pass overwrite=True "
+                               "(--overwrite) to replace it")
+    return False

@@ -28,7 +28,7 @@ from distann import config
 from distann.builder.plan import build_key, plan_shards
 from distann.builder.tasks import AddContext, add_chunk, first_duplicate, merge_shard, scan_ids, split_sorted
 from distann.chunks import ChunkTask, plan_chunks
-from distann.cluster import broadcast, check_cluster_args, client_context, tree_reduce, wait_all
+from distann.cluster import broadcast, check_cluster_args, check_reachable, client_context, tree_reduce, wait_all
 from distann.codecs.pipeline import CodecPipeline
 from distann.codecs.pq import PQQuantizer
 from distann.codecs.spec import parse_spec
@@ -116,7 +116,7 @@ def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2"
             raise BuildConflictError(f"{loc.url}: another build committed generation {committed + 1} while this one "
                                      "was starting; nothing was written (rerun to build on top of it)")
         with client_context(workers=workers, scheduler=scheduler, client=client) as c:
-            _check_reachable(c, loc, src, ids_src, lease.path)
+            check_reachable(c, loc, "index_url", lease.path, {"source": src, "ids": ids_src})
             resumed = _resumable(loc, gen, key)
             # ---- train (or reuse the quantizer and codec of an interrupted run of the same build)
             t0 = time.perf_counter()
@@ -302,43 +302,6 @@ def _cleanup(loc: Location, gen: str) -> None:
         if g < n - 1 and g not in held:
             loc.remove(name)
     remove_older(loc, n)
-
-
-def _check_reachable(client, loc: Location, src, ids_src, lease_path: str) -> None:
-    """Every worker must reach the index and the sources as the client does: memory:// lives in
-    one process, and a local path must be on a filesystem the workers share."""
-    from distann.sources.memory import ArrayIdSource, ArraySource
-
-    pids = set(client.run(os.getpid).values())
-    if pids != {os.getpid()}:
-        if loc.is_process_local:
-            raise ValidationError("index_url", loc.url, "a path or URL every worker process can reach "
-                                  "(memory:// exists only in one process; use a threads-only cluster for it)")
-        if str(getattr(src, "url", "")).startswith("memory://"):
-            raise ValidationError("source", src.url, "a path or URL every worker process can reach "
-                                  "(memory:// exists only in one process)")
-    blind = sorted(w for w, seen in client.run(loc.exists, lease_path).items() if not seen)
-    if blind:
-        raise ValidationError("index_url", loc.url, f"a location every worker can reach; worker(s) {', '.join(blind)} "
-                              "do not see it (a local path must be on a filesystem shared with the workers; "
-                              "or use an object store URL)")
-    for param, source in (("source", src), ("ids", ids_src)):
-        if source is None or isinstance(source, (ArraySource, ArrayIdSource)):  # the data travel with the tasks
-            continue
-        failed = {w: r for w, r in client.run(_can_read, source).items() if r}
-        if failed:
-            w, reason = sorted(failed.items())[0]
-            raise ValidationError(param, source.url, f"a source every worker can read; {len(failed)} worker(s) "
-                                  f"cannot, e.g. {w}: {reason}")
-
-
-def _can_read(source) -> str:
-    """'' if this process can read the first row of ``source``, else why not."""
-    try:
-        source.read_rows(0, 1) if hasattr(source, "read_rows") else source.read(0, 1)
-    except Exception as exc:  # noqa: BLE001 - reported to the client as the reason
-        return f"{type(exc).__name__}: {exc}"
-    return ""
 
 
 def _check_ids(client, ids_src, chunks: tuple[ChunkTask, ...], progress: bool) -> None:

@@ -30,11 +30,11 @@ import numpy as np
 from distann import config
 from distann.bigbatch.plan import job_key
 from distann.bigbatch.tasks import stores_exact_vectors
-from distann.bigbatch.work import WORK
+from distann.bigbatch.work import WORK, check_output
 from distann.chunks import plan_chunks
 from distann.cluster import check_cluster_args, client_context, tree_reduce, wait_all
 from distann.dedup import tasks as T
-from distann.errors import IndexExistsError, IndexFormatError, ValidationError
+from distann.errors import IndexFormatError, ValidationError
 from distann.store.lease import GenerationLease
 from distann.store.location import Location
 from distann.validation import METRICS, check_choice, check_positive_int
@@ -142,7 +142,7 @@ def dedup(source, threshold: float, metric: str = "cosine", *, out: str, index=N
     key = job_key(job="dedup", source=src.fingerprint, ids=getattr(ids_src, "fingerprint", None), metric=metric,
                   threshold=threshold, index=None if idx is None else [idx.url, idx.manifest.build_key], k=k,
                   nprobe=nprobe, spec=spec, representative=representative, chunk_rows=chunk_rows)
-    resume = _check_out(out_loc, work, key, overwrite)
+    resume = check_output(out_loc, work, key, overwrite, SUMMARY_PATH, _OURS, "dedup result")
     reused = idx is not None
     chunks = plan_chunks(src.n, chunk_rows)
     summary: dict = {}
@@ -299,33 +299,6 @@ def _reused_index(index, src, metric: str, storage_options):
         raise ValidationError("index", idx.url, f"an index built from {src.url} as it is now, with row-number ids "
                                                 "(distann build SOURCE INDEX, without --ids / --ids-column)")
     return idx
-
-
-def _check_out(out: Location, work: Location, key: str, overwrite: bool) -> bool:
-    """As big-batch's: resume the same job, refuse anything else at ``out`` unless overwrite."""
-    if out.fs.isfile(out.root):
-        if not overwrite:
-            raise IndexExistsError(f"{out.url}: a file exists there; pass overwrite=True (--overwrite) to replace it")
-        out.fs.rm(out.root)
-        return False
-    if out.exists(SUMMARY_PATH):
-        if not overwrite:
-            raise IndexExistsError(f"{out.url}: a committed dedup result is there; pass overwrite=True (--overwrite) "
-                                   "to replace it")
-        return False
-    if work.exists("job.json"):
-        if work.read_json("job.json").get("key") == key:
-            return True
-        if not overwrite:
-            raise IndexExistsError(f"{out.url}: holds an unfinished dedup job with other parameters; rerun that job "
-                                   "to finish it, or pass overwrite=True (--overwrite) to replace it")
-        return False
-    foreign = [n for n in out.list_dir("") if n not in _OURS]
-    if foreign and not overwrite:
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise IndexExistsError(f"{out.url}: exists and holds {shown}; choose a new path, or pass overwrite=True "
-                               "(--overwrite) to replace it")
-    return False
 
 
 def _build_index(client, work: Location, queries, qcol, spec, metric, nu, progress, opts):
