@@ -30,7 +30,7 @@ from distann.bigbatch import output
 from distann.bigbatch.plan import job_key, plan_ranges, ranges_of
 from distann.bigbatch.tasks import (JobContext, bucket_chunk, reduce_knn, reduce_range, scan_range,
                                     stores_exact_vectors, write_range_block, write_range_lims)
-from distann.bigbatch.work import WORK, check_output
+from distann.bigbatch.work import WORK, check_output, clear_output, move_parts
 from distann.chunks import plan_chunks
 from distann.cluster import broadcast, check_cluster_args, check_reachable, client_context, wait_all
 from distann.errors import ValidationError
@@ -153,7 +153,7 @@ def big_batch_search(index, queries, k: int | None = None, nprobe: int | None = 
         reader = ReaderLease(idx.loc, m.generation) if not idx.loc.is_process_local else None
         try:
             if not resume:
-                _clear(out_loc)
+                clear_output(out_loc)
             planned = work.read_json("job.json").get("ranges") if resume else None
             work.write_json("job.json", {"key": key, "started": _now(), "ranges": planned})
             if mode == "knn" and fmt == "zarr" and not (resume and out_loc.exists("ids/zarr.json")):
@@ -201,10 +201,7 @@ def big_batch_search(index, queries, k: int | None = None, nprobe: int | None = 
                     _layout_range(c, ctx, chunks, totals, src.n, chunk_rows, progress)
                 timings["reduce_s"] = time.perf_counter() - t0
             if fmt == "parquet":
-                for ch in chunks:
-                    name = output.part_name(ch.name)
-                    if work.exists(f"parts/{name}"):
-                        out_loc.fs.mv(work.path(f"parts/{name}"), out_loc.path(name))
+                move_parts(work, out_loc, [output.part_name(ch.name) for ch in chunks])
             elif not out_loc.exists("zarr.json"):
                 import zarr
 
@@ -233,16 +230,6 @@ def big_batch_search(index, queries, k: int | None = None, nprobe: int | None = 
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _clear(out: Location) -> None:
-    """Empty the output folder (checked by ``_check_out``: ours, or overwrite was given)."""
-    for name in out.list_dir(""):
-        if name != "_distann":
-            out.remove(name)
-    for name in Location(posixpath.join(out.url, "_distann"), out.storage_options).list_dir(""):
-        if name != "leases":
-            out.remove(f"_distann/{name}")
 
 
 def _layout_range(client, ctx: JobContext, chunks, totals: list[int], nq: int, chunk_rows: int,

@@ -198,9 +198,3 @@ def open_result(url: str, *, storage_options: dict | None = None) -> BigBatchRes
         raise IndexFormatError(f"{loc.url}: {RESULT_PATH} is not a distann big-batch result record")
     return BigBatchResult(loc, record)
 
-
-def result_paths(fmt: str, mode: str, chunk_names: list[str]) -> list[str]:
-    """The data paths a committed result holds (besides ``_distann.json``)."""
-    if fmt == "parquet":
-        return [part_name(c) for c in chunk_names]
-    return ["ids", "distances"] + (["lims"] if mode == "range" else []) + ["zarr.json"]

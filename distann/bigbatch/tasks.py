@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from distann.bigbatch import output
-from distann.bigbatch.plan import ListRange
+from distann.bigbatch.plan import ListRange, range_of_lists
 from distann.bigbatch.work import maybe_fail, read_npz, write_npz
 from distann.chunks import ChunkTask
 from distann.codecs.metric import kernel_metric
@@ -58,12 +58,12 @@ class JobContext:
         return self.k + int(self.exclude_self)
 
 
-def _piece(chunk: ChunkTask, rng: ListRange) -> str:
-    return f"pieces/{chunk.name}/{rng.name}.npz"
+def _piece(chunk_name: str, range_name: str) -> str:
+    return f"pieces/{chunk_name}/{range_name}.npz"
 
 
-def _partial(rng: ListRange, chunk_name: str) -> str:
-    return f"partials/{rng.name}/{chunk_name}.npz"
+def _partial(range_name: str, chunk_name: str) -> str:
+    return f"partials/{range_name}/{chunk_name}.npz"
 
 
 def _read_ids(query_ids, start: int, stop: int) -> np.ndarray:
@@ -98,8 +98,7 @@ def bucket_chunk(ctx: JobContext, chunk: ChunkTask, queries, query_ids, centroid
         before = np.cumsum(sizes, axis=1) - sizes
         sizes = np.clip(ctx.max_codes - before, 0, sizes)
     probes[sizes == 0] = -1  # nothing to scan there (empty list, budget spent): dropped, as plan_probes does
-    starts = np.array([r.list_start for r in ctx.ranges], dtype=np.int64)
-    rng_of = np.where(probes >= 0, np.searchsorted(starts, probes, side="right") - 1, -1)
+    rng_of = np.where(probes >= 0, range_of_lists(ctx.ranges, probes), -1)
     m = len(y)
     # (range, row) items: one per query and range it probes, in range-major then row order
     keys = np.unique((rng_of * m + np.arange(m)[:, None])[rng_of >= 0])
@@ -110,7 +109,7 @@ def bucket_chunk(ctx: JobContext, chunk: ChunkTask, queries, query_ids, centroid
     for r in np.flatnonzero(counts):
         rows = item_row[bounds[r]:bounds[r + 1]]
         inside = rng_of[rows] == r
-        write_npz(ctx.work, _piece(chunk, ctx.ranges[r]), {
+        write_npz(ctx.work, _piece(chunk.name, ctx.ranges[r].name), {
             "rows": rows + chunk.start,
             "xq": y[rows],
             "xq_raw": x_raw[rows] if codec.refine else None,
@@ -157,7 +156,7 @@ def scan_range(ctx: JobContext, rng: ListRange, chunk_names: list[str], query_id
     ip = kernel_metric(ctx.manifest.metric) == "ip"
     results = 0
     for name in chunk_names:
-        piece = read_npz(ctx.work, f"pieces/{name}/{rng.name}.npz")
+        piece = read_npz(ctx.work, _piece(name, rng.name))
         probes = range_probes(piece["probes"], piece.get("limits"), rng.list_start, sizes)
         batch = (piece["xq"], piece["xq_raw"] if refine else piece["xq"])
         rows = piece["rows"]
@@ -191,7 +190,7 @@ def scan_range(ctx: JobContext, rng: ListRange, chunk_names: list[str], query_id
                 q, D, I = q[keep], D[keep], I[keep]
             part = {"q": q, "D": D, "I": I}
             results += len(I)
-        write_npz(ctx.work, _partial(rng, name), part)
+        write_npz(ctx.work, _partial(rng.name, name), part)
         maybe_fail("scan", rng.name)
     record = {"chunks": list(chunk_names), "seconds": round(time.perf_counter() - t0, 3),
               "read_seconds": round(t_read, 3), "vectors": rng.ntotal, "results": results}
@@ -286,7 +285,7 @@ def reduce_knn(ctx: JobContext, chunk: ChunkTask, range_names: list[str], query_
         X = np.full((n, width), pad, np.float32)
         ID = np.full((n, width), -1, np.int64)
     for rname in range_names:
-        p = read_npz(ctx.work, f"partials/{rname}/{chunk.name}.npz")
+        p = read_npz(ctx.work, _partial(rname, chunk.name))
         at = p["rows"] - chunk.start
         Dc = np.concatenate([D[at], p["D"]], axis=1)
         Ic = np.concatenate([I[at], p["I"]], axis=1)
@@ -325,7 +324,7 @@ def reduce_range(ctx: JobContext, chunk: ChunkTask, range_names: list[str], quer
     done = f"reduced/{chunk.name}.json"
     if ctx.work.exists(done):
         return ctx.work.read_json(done)["count"]
-    parts = [read_npz(ctx.work, f"partials/{rname}/{chunk.name}.npz") for rname in range_names]
+    parts = [read_npz(ctx.work, _partial(rname, chunk.name)) for rname in range_names]
     q = np.concatenate([p["q"] for p in parts]) if parts else np.empty(0, np.int64)
     D = np.concatenate([p["D"] for p in parts]).astype(np.float32) if parts else np.empty(0, np.float32)
     I = np.concatenate([p["I"] for p in parts]).astype(np.int64) if parts else np.empty(0, np.int64)

@@ -78,3 +78,22 @@ def check_output(out: Location, work: Location, key: str, overwrite: bool, commi
         raise IndexExistsError(f"{out.url}: exists and holds {shown}; choose a new path, or pass overwrite=True "
                                "(--overwrite) to replace it")
     return False
+
+
+def clear_output(out: Location) -> None:
+    """Empty an output folder for a fresh job (``check_output`` allowed it), keeping only the
+    output's lease."""
+    for name in out.list_dir(""):
+        if name != "_distann":
+            out.remove(name)
+    for name in out.list_dir("_distann"):
+        if name != "leases":
+            out.remove(f"_distann/{name}")
+
+
+def move_parts(work: Location, out: Location, names: list[str]) -> None:
+    """The commit's move of the Parquet parts from ``work/parts/`` into ``out`` (a part already
+    moved by an interrupted commit stays where it is)."""
+    for name in names:
+        if work.exists(f"parts/{name}"):
+            out.fs.mv(work.path(f"parts/{name}"), out.path(name))

@@ -17,7 +17,6 @@ Ids: internally every vector is its row number in ``source``; user ids (``ids`` 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -30,7 +29,8 @@ import numpy as np
 from distann import config
 from distann.bigbatch.plan import job_key
 from distann.bigbatch.tasks import stores_exact_vectors
-from distann.bigbatch.work import WORK, check_output
+from distann.bigbatch.output import part_name
+from distann.bigbatch.work import WORK, check_output, clear_output, move_parts
 from distann.chunks import plan_chunks
 from distann.cluster import check_cluster_args, client_context, tree_reduce, wait_all
 from distann.dedup import tasks as T
@@ -111,10 +111,7 @@ def dedup(source, threshold: float, metric: str = "cosine", *, out: str, index=N
     chunk_rows = check_positive_int("chunk_rows", chunk_rows if chunk_rows is not None
                                     else config.get("bigbatch.chunk-rows"))
     check_cluster_args(workers, scheduler, client)
-    try:
-        src = as_source(source, column=column, storage_options=storage_options)
-    except ValidationError as exc:
-        raise ValidationError("source" if exc.param == "source" else exc.param, exc.received, exc.allowed) from None
+    src = as_source(source, column=column, storage_options=storage_options)
     ids_src = resolve_ids(ids, ids_column, src, storage_options)
     idx = _reused_index(index, src, metric, storage_options)
     if spec is not None and idx is not None:
@@ -152,10 +149,7 @@ def dedup(source, threshold: float, metric: str = "cosine", *, out: str, index=N
     with GenerationLease.acquire(lease_loc, 1, config.get("build.lease-seconds"),
                                  what=f"a dedup of {src.url} into {out_loc.url}") as lease:
         if not resume:
-            for name in out_loc.list_dir(""):
-                if name != "_distann":
-                    out_loc.remove(name)
-            work.remove("")
+            clear_output(out_loc)
         work.write_json("job.json", {"key": key, "started": _now()})
         with client_context(workers=workers, scheduler=scheduler, client=client) as c:
             # ---- exact duplicates
@@ -218,7 +212,7 @@ def dedup(source, threshold: float, metric: str = "cosine", *, out: str, index=N
                                               **search)
                 timings["join_s"] = time.perf_counter() - t0
                 t0 = time.perf_counter()
-                parts = [f"part-{i:06d}.parquet" for i in range(len(plan_chunks(nu, chunk_rows)))]
+                parts = [part_name(ch.name) for ch in plan_chunks(nu, chunk_rows)]
                 pf = [c.submit(T.pair_forest, result.loc, p, result.mode, threshold, ip, i, pure=False)
                       for i, p in enumerate(parts)]
                 samples = wait_all([c.submit(lambda r: r[2], f, pure=False) for f in pf], "pairs", progress)
@@ -240,9 +234,7 @@ def dedup(source, threshold: float, metric: str = "cosine", *, out: str, index=N
                              for ch in chunks], "write", progress)
             sizes = c.submit(T.size_histogram, stats, pure=False).result()
             timings["groups_s"] = time.perf_counter() - t0
-        for ch in chunks:
-            name = f"part-{ch.name[1:]}.parquet"
-            out_loc.fs.mv(work.path(f"parts/{name}"), out_loc.path(name))
+        move_parts(work, out_loc, [part_name(ch.name) for ch in chunks])
         groups_with_dups = int(sum(sizes.values()))
         in_groups = int(sum(s * n for s, n in sizes.items()))
         hist = {"1": int(src.n - in_groups), **{str(s): n for s, n in sorted(sizes.items())}}
@@ -358,6 +350,3 @@ def _plot(out: Location, pairs: np.ndarray, threshold: float, metric: str, nn: n
     plt.close(fig)
     out.write_bytes(PLOT_PATH, buf.getvalue())
 
-
-def summary_text(summary: dict) -> str:
-    return json.dumps(summary, indent=2)

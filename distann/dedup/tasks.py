@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from distann.bigbatch.output import parquet_bytes
+from distann.bigbatch.output import parquet_bytes, part_name
 from distann.chunks import ChunkTask
 from distann.dedup.components import forest, group_keys, roots_of, row_keys
 from distann.store.location import Location
@@ -55,7 +55,7 @@ def compact_chunk(work: Location, src, chunk: ChunkTask, *dup_rows: np.ndarray) 
     as ``unique/part-<c>.parquet``; returns how many."""
     import pyarrow as pa
 
-    name = f"unique/part-{chunk.name[1:]}.parquet"
+    name = f"unique/{part_name(chunk.name)}"
     done = f"unique/DONE-{chunk.name}"
     if work.exists(done):
         return int(work.read_json(done)["count"])
@@ -105,13 +105,18 @@ def merge_pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.unique(np.concatenate([a, b]), axis=0)
 
 
+def _members(f: tuple[np.ndarray, np.ndarray], chunk: ChunkTask, ids_src) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The chunk's rows that belong to a group (nodes of the forest ``f``): ``(mask, their
+    roots, the ids of all the chunk's rows)``."""
+    rows = np.arange(chunk.start, chunk.stop, dtype=np.int64)
+    member = np.isin(rows, f[0], assume_unique=True) if len(f[0]) else np.zeros(len(rows), bool)
+    ids = rows if ids_src is None else ids_src.read(chunk.start, chunk.stop)
+    return member, roots_of(f, rows[member]), ids
+
+
 def group_stats(f: tuple[np.ndarray, np.ndarray], chunk: ChunkTask, ids_src, src, centroid: bool) -> tuple:
     """Per component touching the chunk: ``(roots, min id, members[, vector sums])``."""
-    rows = np.arange(chunk.start, chunk.stop, dtype=np.int64)
-    nodes = f[0]
-    member = np.isin(rows, nodes, assume_unique=True) if len(nodes) else np.zeros(len(rows), bool)
-    roots = roots_of(f, rows[member])
-    ids = rows if ids_src is None else ids_src.read(chunk.start, chunk.stop)
+    member, roots, ids = _members(f, chunk, ids_src)
     ids = ids[member]
     uniq, inv = np.unique(roots, return_inverse=True)
     minid = np.full(len(uniq), np.iinfo(np.int64).max, np.int64)
@@ -146,10 +151,8 @@ def size_histogram(stats: tuple) -> dict[int, int]:
 def centroid_choice(f: tuple, stats: tuple, chunk: ChunkTask, ids_src, src, spherical: bool) -> tuple:
     """Per component touching the chunk, its member closest to the component's centroid:
     ``(roots, distance, id)`` (ties by lower id)."""
-    rows = np.arange(chunk.start, chunk.stop, dtype=np.int64)
-    member = np.isin(rows, f[0], assume_unique=True) if len(f[0]) else np.zeros(len(rows), bool)
-    roots = roots_of(f, rows[member])
-    ids = (rows if ids_src is None else ids_src.read(chunk.start, chunk.stop))[member]
+    member, roots, ids = _members(f, chunk, ids_src)
+    ids = ids[member]
     x = src.read_rows(chunk.start, chunk.stop)[member].astype(np.float64)
     at = np.searchsorted(stats[0], roots)
     cent = stats[3][at] / stats[2][at, None]
@@ -176,22 +179,15 @@ def write_groups(work: Location, f: tuple, stats: tuple, choice: tuple | None, c
     ``is_representative``; returns how many rows are representatives."""
     import pyarrow as pa
 
-    rows = np.arange(chunk.start, chunk.stop, dtype=np.int64)
-    ids = rows if ids_src is None else ids_src.read(chunk.start, chunk.stop)
-    roots = roots_of(f, rows)
-    grouped = roots != rows
-    if len(f[0]):
-        grouped |= np.isin(rows, f[0], assume_unique=True)
+    grouped, roots, ids = _members(f, chunk, ids_src)
     group_id = ids.copy()
-    at = np.searchsorted(stats[0], roots[grouped]) if len(stats[0]) else np.empty(0, np.int64)
-    group_id[grouped] = stats[1][at]
-    rep = np.ones(len(rows), dtype=bool)
+    group_id[grouped] = stats[1][np.searchsorted(stats[0], roots)]
+    rep = np.ones(len(ids), dtype=bool)
     if choice is None:
         rep[grouped] = ids[grouped] == group_id[grouped]
     else:
-        where = np.searchsorted(choice[0], roots[grouped])
-        rep[grouped] = ids[grouped] == choice[2][where]
-    work.write_bytes(f"parts/part-{chunk.name[1:]}.parquet", parquet_bytes(
+        rep[grouped] = ids[grouped] == choice[2][np.searchsorted(choice[0], roots)]
+    work.write_bytes(f"parts/{part_name(chunk.name)}", parquet_bytes(
         {"id": pa.array(ids, pa.int64()), "group_id": pa.array(group_id, pa.int64()),
          "is_representative": pa.array(rep, pa.bool_())}))
     return int(rep.sum())
