@@ -22,6 +22,12 @@ def is_int(v: object) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
+def check_bool(param: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValidationError(param, value, "True or False")
+    return value
+
+
 def check_positive_int(param: str, value: object) -> int:
     if not is_int(value) or value < 1:
         raise ValidationError(param, value, "a positive integer")

@@ -37,8 +37,8 @@ from distann.errors import ValidationError
 from distann.store.lease import GenerationLease
 from distann.store.location import Location
 from distann.store.readers import ReaderLease
-from distann.validation import (check_k, check_max_codes, check_nprobe, check_positive_int, check_query_dtype,
-                                check_radius)
+from distann.validation import (check_bool, check_k, check_max_codes, check_nprobe, check_positive_int,
+                                check_query_dtype, check_radius)
 
 log = logging.getLogger(__name__)
 
@@ -103,15 +103,12 @@ def big_batch_search(index, queries, k: int | None = None, nprobe: int | None = 
     nprobe = check_nprobe(idx.defaults.nprobe if nprobe is None else nprobe, idx.nlist)
     max_codes = check_max_codes(max_codes)
     k_factor = check_positive_int("k_factor", idx.defaults.k_factor if k_factor is None else k_factor)
-    if not isinstance(exclude_self, bool):
-        raise ValidationError("exclude_self", exclude_self, "True or False")
-    if not isinstance(exact, bool):
-        raise ValidationError("exact", exact, "True or False")
+    check_bool("exclude_self", exclude_self)
+    check_bool("exact", exact)
     if exact and not stores_exact_vectors(idx.codec):
         raise ValidationError("exact", exact, f"False for {idx.spec}: recomputing distances needs an index storing "
                               "exact vectors (IVF<n>,Flat without a transform, or a ...,RFlat spec)")
-    if not isinstance(overwrite, bool):
-        raise ValidationError("overwrite", overwrite, "True or False")
+    check_bool("overwrite", overwrite)
     chunk_rows = check_positive_int("chunk_rows", chunk_rows if chunk_rows is not None
                                     else config.get("bigbatch.chunk-rows"))
     range_bytes = check_positive_int("range_bytes", range_bytes if range_bytes is not None

@@ -43,7 +43,7 @@ from distann.store.manifest import (FORMAT_VERSION, MANIFEST_PATH, Manifest, Sha
 from distann.train.api import check_train_params, collect_sample
 from distann.train.codec import sample_size, train_pipeline
 from distann.train.kmeans import MIN_POINTS_PER_CENTROID, TrainingWarning
-from distann.validation import check_metric, check_positive_int
+from distann.validation import check_bool, check_metric, check_positive_int
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,7 @@ def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2"
     ispec = parse_spec(spec)
     check_metric(metric)
     check_train_params(niter, init, seed, max_points_per_centroid)
-    if not isinstance(overwrite, bool):
-        raise ValidationError("overwrite", overwrite, "True or False")
+    check_bool("overwrite", overwrite)
     chunk_rows = check_positive_int("chunk_rows", chunk_rows if chunk_rows is not None else config.get("build.chunk-rows"))
     shard_bytes = check_positive_int("shard_bytes", shard_bytes if shard_bytes is not None else config.get("build.shard-bytes"))
     check_cluster_args(workers, scheduler, client)

@@ -37,7 +37,7 @@ from distann.dedup import tasks as T
 from distann.errors import IndexFormatError, ValidationError
 from distann.store.lease import GenerationLease
 from distann.store.location import Location
-from distann.validation import METRICS, check_choice, check_positive_int
+from distann.validation import METRICS, check_bool, check_choice, check_positive_int
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +106,7 @@ def dedup(source, threshold: float, metric: str = "cosine", *, out: str, index=N
         k = check_positive_int("k", k)
     if nprobe is not None:
         nprobe = check_positive_int("nprobe", nprobe)
-    if not isinstance(overwrite, bool):
-        raise ValidationError("overwrite", overwrite, "True or False")
+    check_bool("overwrite", overwrite)
     chunk_rows = check_positive_int("chunk_rows", chunk_rows if chunk_rows is not None
                                     else config.get("bigbatch.chunk-rows"))
     check_cluster_args(workers, scheduler, client)
