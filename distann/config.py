@@ -26,7 +26,14 @@ key                            default      meaning
                                             big-batch search
 ``distann.bigbatch.range-bytes`` 67108864   stored list bytes read by one scan task of a
                                             big-batch search (whole shards: at least one)
-``distann.kernels.backend``    ``"numba"``  kernel backend (see ``distann.kernels``)
+``distann.kernels.backend``    ``"numba"``  kernel backend (see ``distann.kernels``): "numba",
+                                            "numpy" or "cuda"
+``distann.kernels.cuda.resident-bytes`` auto  device memory lists may stay resident in
+                                            (``"auto"``: half the device)
+``distann.kernels.cuda.work-bytes`` 536870912  a cuda kernel call's scratch (distance
+                                            buffers, GEMM blocks, streamed lists)
+``distann.kernels.cuda.stream`` True        stream lists that do not fit the resident budget
+                                            from pinned host memory (False: an error instead)
 =============================  ===========  ==================================================
 
 They are set like any dask option: in a dask YAML file (``~/.config/dask/*.yaml``), with
@@ -70,7 +77,7 @@ import dask.config
 import yaml
 
 from distann.errors import ValidationError
-from distann.validation import INITS, METRICS, check_choice, check_nonnegative_int, check_positive_int, is_int
+from distann.validation import INITS, METRICS, check_bool, check_choice, check_nonnegative_int, check_positive_int, is_int
 
 __all__ = [
     "DEFAULTS", "get", "BuildJob", "SearchJob", "KMeansJob", "ServeJob", "DedupJob", "JOB_KINDS", "from_dict",
@@ -86,7 +93,8 @@ DEFAULTS: dict[str, Any] = {
         "cluster": {"connect-timeout": 10},
         "search": {"cache-bytes": "auto", "batch-size": 16384, "reader-lease-seconds": 60},
         "bigbatch": {"chunk-rows": 65536, "range-bytes": 64 * 2**20},
-        "kernels": {"backend": "numba"},
+        "kernels": {"backend": "numba",
+                    "cuda": {"resident-bytes": "auto", "work-bytes": 512 * 2**20, "stream": True}},
     }
 }
 dask.config.update_defaults(DEFAULTS)
@@ -109,6 +117,9 @@ _TUNABLE_CHECKS: dict[str, Callable[[str, object], Any]] = {
     "bigbatch.chunk-rows": check_positive_int,
     "bigbatch.range-bytes": check_positive_int,
     "kernels.backend": _tunable_name,
+    "kernels.cuda.resident-bytes": lambda key, value: value if value == "auto" else check_nonnegative_int(key, value),
+    "kernels.cuda.work-bytes": check_positive_int,
+    "kernels.cuda.stream": check_bool,
 }
 
 

@@ -43,6 +43,11 @@ class ShardsUnavailableError(DistannError):
         super().__init__(message)
 
 
+class DeviceMemoryError(DistannError, MemoryError):
+    """The GPU could not hold what a kernel call needs (another process holds its memory, or
+    lists larger than the device were asked to stay resident with streaming disabled)."""
+
+
 def _short(value: object, limit: int = 120) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."

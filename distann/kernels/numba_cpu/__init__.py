@@ -85,6 +85,7 @@ from distann.kernels.numba_cpu._lists import (
     _range_sort_part,
     _run_part,
 )
+from distann.kernels._host import centre_of as _centre_of
 from distann.kernels.numba_cpu._threads import _parallel
 
 name = "numba"
@@ -141,25 +142,6 @@ def _f16_table() -> np.ndarray:
     if _F16_TABLE is None:
         _F16_TABLE = f16_table()
     return _F16_TABLE
-
-
-def _centre_of(rows: np.ndarray) -> np.ndarray:
-    """A centre for the l2 computations on ``rows``: the mean of a strided sample of at most
-    ~1024 rows, rounded to a multiple of a power of two no larger than the per-coordinate RMS
-    spread.
-
-    Any centre leaves distances unchanged; one within the data's spread removes the offset that
-    makes ||q||^2 + ||x||^2 - 2<q, x> cancel (Faiss FAQ). The rounding keeps integer-valued
-    data integer after centring, so its arithmetic stays exact and its ties exact.
-    """
-    step = max(1, rows.shape[0] // 1024)
-    sample = rows[::step].astype(np.float64)
-    mu = sample.mean(axis=0)
-    rms = float(np.sqrt(((sample - mu) ** 2).mean())) if sample.size else 0.0
-    if rms > 0 and np.isfinite(rms):
-        unit = 2.0 ** np.floor(np.log2(rms))
-        mu = np.round(mu / unit) * unit
-    return mu.astype(np.float32)
 
 
 def coarse_quantize(xq: np.ndarray, centroids: np.ndarray, nprobe: int,
