@@ -3,6 +3,14 @@ S3 API served by moto in server mode (a separate process on loopback) for object
 
 from __future__ import annotations
 
+import os
+
+# The cuda kernel backend is tested without a GPU in Numba's CUDA simulator (tests/test_cuda.py);
+# it must be switched on before Numba is first imported. DISTANN_TEST_GPU=1 runs on a real
+# device instead (the `gpu`-marked tests: pytest -m gpu).
+if os.environ.get("DISTANN_TEST_GPU") != "1":
+    os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+
 import re
 import socket
 import subprocess
