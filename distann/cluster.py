@@ -184,6 +184,39 @@ def check_reachable(client, loc, loc_param: str, marker: str, sources: dict) -> 
                                   f"cannot, e.g. {w}: {reason}")
 
 
+def check_backend(client, name, param: str = "backend") -> str:
+    """Every worker of ``client`` must be able to run kernel backend ``name`` (None: the
+    ``distann.kernels.backend`` setting); returns the registered name to send to the tasks.
+
+    Checked before any task is scheduled, because the client is not the machine that counts:
+    a client without a GPU may drive GPU workers, and a CPU worker must not be handed cuda
+    work. The failing workers are named with the reason; there is no fallback to another
+    backend. A cluster with no worker yet is not checked (its tasks wait for workers)."""
+    from distann.kernels import check_backend_name, resolve_backend
+
+    key = resolve_backend(None) if name is None else check_backend_name(name, param)
+    status = client.run(_backend_status, key)
+    failed = {w: r for w, r in status.items() if r != "ok"}
+    if failed:
+        by_reason: dict[str, list[str]] = {}
+        for w, r in sorted(failed.items()):
+            by_reason.setdefault(r, []).append(w)
+        what = "; ".join(f"{', '.join(ws)}: {r}" for r, ws in by_reason.items())
+        hint = ("start GPU workers (dask cuda worker / LocalCUDACluster) or use backend 'numba'" if key == "cuda"
+                else "install distann's dependencies on every worker")
+        raise ValidationError(param, name if name is not None else key,
+                              f"the {key} backend cannot run on {len(failed)} of {len(status)} worker(s) {what}; "
+                              f"{hint}")
+    return key
+
+
+def _backend_status(key: str) -> str:
+    """"ok" if this worker process can run kernel backend ``key``, else why not."""
+    from distann.kernels import backend_status
+
+    return backend_status(key)
+
+
 def _can_read(source) -> str:
     """'' if this process can read the first row of ``source``, else why not."""
     try:

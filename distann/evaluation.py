@@ -39,7 +39,8 @@ def brute_force_knn(source, queries, k: int, metric: str = "l2", *, client=None,
     (nq x chunk) distances in blocks. Returns ``(D, I)`` of shape (nq, k), best first.
     """
     from distann.chunks import plan_chunks
-    from distann.cluster import broadcast, client_context, tree_reduce
+    from distann.cluster import broadcast, check_backend, client_context, tree_reduce
+    from distann.kernels import resolve_backend
     from distann.codecs.metric import for_metric, kernel_metric
     from distann.sources import as_source
     from distann.validation import check_k, check_metric, check_queries
@@ -48,10 +49,11 @@ def brute_force_knn(source, queries, k: int, metric: str = "l2", *, client=None,
     k = check_k(k)
     src = as_source(source, column=column, storage_options=storage_options)
     xq = for_metric(check_queries(queries, src.d), metric)
-    backend = backend or config.get("kernels.backend")
+    backend = resolve_backend(backend)
     kmetric = kernel_metric(metric)
     chunk_rows = chunk_rows or config.get("build.chunk-rows")
     with client_context(workers=workers, scheduler=scheduler, client=client) as c:
+        check_backend(c, backend)
         qf = broadcast(c, xq)
         parts = [c.submit(_chunk_knn, src, ch.start, ch.stop, qf, k, metric, backend, pure=False)
                  for ch in plan_chunks(src.n, chunk_rows)]

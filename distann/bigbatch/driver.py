@@ -32,8 +32,9 @@ from distann.bigbatch.tasks import (JobContext, bucket_chunk, reduce_knn, reduce
                                     stores_exact_vectors, write_range_block, write_range_lims)
 from distann.bigbatch.work import WORK, check_output, clear_output, move_parts
 from distann.chunks import plan_chunks
-from distann.cluster import broadcast, check_cluster_args, check_reachable, client_context, wait_all
+from distann.cluster import broadcast, check_backend, check_cluster_args, check_reachable, client_context, wait_all
 from distann.errors import ValidationError
+from distann.kernels import resolve_backend
 from distann.store.lease import GenerationLease
 from distann.store.location import Location
 from distann.store.readers import ReaderLease
@@ -65,7 +66,7 @@ def big_batch_search(index, queries, k: int | None = None, nprobe: int | None = 
                      column: str | None = None, query_ids=None, query_ids_column: str | None = None,
                      exclude_self: bool = False, exact: bool = False, chunk_rows: int | None = None, range_bytes: int | None = None,
                      storage_options: dict | None = None, workers: int | None = None, scheduler: str | None = None,
-                     progress: bool = False) -> output.BigBatchResult:
+                     progress: bool = False, backend: str | None = None) -> output.BigBatchResult:
     """Search ``index`` with every vector of ``queries`` on a Dask cluster; the results go to
     ``out`` (Zarr, or Parquet when ``out`` ends in .parquet / ``format="parquet"``), chunked by
     query, and the committed result is returned (see :func:`distann.bigbatch.open_result`).
@@ -87,6 +88,9 @@ def big_batch_search(index, queries, k: int | None = None, nprobe: int | None = 
     per worker when the shards allow) bound each worker's memory (``distann.bigbatch.*``
     settings by default). ``client``: a ``distributed.Client``; with
     none, an embedded LocalCluster (``workers``) is started, or ``scheduler`` is joined.
+    ``backend``: the kernel backend of the bucket, scan and reduce tasks ("numba", "numpy" or
+    "cuda"; default the ``distann.kernels.backend`` setting), checked on every worker before
+    any task is scheduled.
     """
     from distann.sources import as_source, resolve_ids
 
@@ -114,6 +118,7 @@ def big_batch_search(index, queries, k: int | None = None, nprobe: int | None = 
     range_bytes = check_positive_int("range_bytes", range_bytes if range_bytes is not None
                                      else config.get("bigbatch.range-bytes"))
     check_cluster_args(workers, scheduler, client)
+    backend = resolve_backend(backend)
     try:
         src = as_source(queries, column=column, storage_options=storage_options)
     except ValidationError as exc:
@@ -142,7 +147,6 @@ def big_batch_search(index, queries, k: int | None = None, nprobe: int | None = 
                   max_codes=max_codes, k_factor=k_factor if codec.refine else None, exclude_self=exclude_self,
                   exact=exact, format=fmt, chunk_rows=chunk_rows, range_bytes=range_bytes)
     resume = check_output(out_loc, work, key, overwrite, output.RESULT_PATH, _OURS, "big-batch result")
-    backend = config.get("kernels.backend")
     lease_loc = Location(posixpath.join(out_loc.url, "_distann"), dict(storage_options or {}))
     timings: dict[str, float] = {}
     with GenerationLease.acquire(lease_loc, 1, config.get("build.lease-seconds"),
@@ -157,6 +161,7 @@ def big_batch_search(index, queries, k: int | None = None, nprobe: int | None = 
                 output.create_zarr_knn(out_loc, src.n, k, chunk_rows)
             with client_context(workers=workers, scheduler=scheduler, client=client) as c:
                 check_reachable(c, out_loc, "out", "_distann/work/job.json", {"queries": src, "query_ids": qids})
+                check_backend(c, backend)
                 if planned is None:  # at least two list ranges per worker when the shards allow it
                     nworkers = max(1, len(c.scheduler_info(n_workers=-1)["workers"]))
                     target = min(range_bytes, -(-idx.lists.nbytes // (2 * nworkers)))

@@ -28,11 +28,13 @@ from distann import config
 from distann.builder.plan import build_key, plan_shards
 from distann.builder.tasks import AddContext, add_chunk, first_duplicate, merge_shard, scan_ids, split_sorted
 from distann.chunks import ChunkTask, plan_chunks
-from distann.cluster import broadcast, check_cluster_args, check_reachable, client_context, tree_reduce, wait_all
+from distann.cluster import (broadcast, check_backend, check_cluster_args, check_reachable, client_context, tree_reduce,
+                             wait_all)
 from distann.codecs.pipeline import CodecPipeline
 from distann.codecs.pq import PQQuantizer
 from distann.codecs.spec import parse_spec
 from distann.errors import BuildConflictError, IndexExistsError, IndexFormatError, ValidationError
+from distann.kernels import resolve_backend
 from distann.store import layout
 from distann.store.arrays import CheckedStore, StoredArray, checksum, write_small
 from distann.store.lease import LEASE_DIR, GenerationLease, remove_older
@@ -56,7 +58,8 @@ def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2"
           overwrite: bool = False, niter: int = 10, seed: int = 1234, init: str = "random",
           max_points_per_centroid: int = 256, chunk_rows: int | None = None, shard_bytes: int | None = None,
           column: str | None = None, ids_column: str | None = None, storage_options: dict | None = None,
-          workers: int | None = None, scheduler: str | None = None, progress: bool = False):
+          workers: int | None = None, scheduler: str | None = None, progress: bool = False,
+          backend: str | None = None):
     """Build an IVF index of ``source`` at ``index_url`` and return it opened.
 
     ``source``: URL (npy, fvecs/bvecs, zarr, parquet, directory or glob), a VectorSource or a
@@ -66,7 +69,10 @@ def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2"
     ``distributed.Client``; with none, an embedded LocalCluster (``workers`` processes, default
     one per core) is started and closed, or ``scheduler`` is joined. Every parameter is
     validated before any task is scheduled. ``niter`` defaults to 10 k-means iterations, as
-    Faiss's IndexIVF training does.
+    Faiss's IndexIVF training does. ``backend``: the kernel backend of the k-means and of the
+    add stage's assignment on the workers ("numba", "numpy" or "cuda"; default the
+    ``distann.kernels.backend`` setting); every worker is checked to be able to run it before
+    any task is scheduled.
 
     Only one build at a time may write an index URL: a second one fails with
     BuildConflictError while the first holds its lease (``docs/FORMAT.md``).
@@ -80,6 +86,7 @@ def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2"
     chunk_rows = check_positive_int("chunk_rows", chunk_rows if chunk_rows is not None else config.get("build.chunk-rows"))
     shard_bytes = check_positive_int("shard_bytes", shard_bytes if shard_bytes is not None else config.get("build.shard-bytes"))
     check_cluster_args(workers, scheduler, client)
+    backend = resolve_backend(backend)
     if isinstance(index_url, os.PathLike):
         index_url = os.fspath(index_url)
     if not isinstance(index_url, str) or not index_url:
@@ -104,7 +111,6 @@ def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2"
                                "(distann never deletes files it did not write)")
     chunks = plan_chunks(src.n, chunk_rows)
     q = codec.quantizer
-    backend = config.get("kernels.backend")
     ctx = AddContext(loc, gen, ispec.nlist, metric != "l2", q.code_dtype.str, q.code_width,
                      src.d if codec.refine else 0, backend)
     timings: dict[str, float] = {}
@@ -116,6 +122,7 @@ def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2"
                                      "was starting; nothing was written (rerun to build on top of it)")
         with client_context(workers=workers, scheduler=scheduler, client=client) as c:
             check_reachable(c, loc, "index_url", lease.path, {"source": src, "ids": ids_src})
+            check_backend(c, backend)
             resumed = _resumable(loc, gen, key)
             # ---- train (or reuse the quantizer and codec of an interrupted run of the same build)
             t0 = time.perf_counter()
@@ -173,7 +180,7 @@ def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2"
                    "source_fingerprint": src.fingerprint, "ids": getattr(ids_src, "url", None),
                    "ids_column": getattr(ids_src, "column", None),
                    "niter": niter, "seed": seed, "init": init, "max_points_per_centroid": max_points_per_centroid,
-                   "n_sample": n_sample, "chunk_rows": chunk_rows, "shard_bytes": shard_bytes,
+                   "n_sample": n_sample, "chunk_rows": chunk_rows, "shard_bytes": shard_bytes, "backend": backend,
                    "objective": objective, "resumed_chunks": int(skipped_chunks),
                    "resumed_shards": int(sum(m[2] for m in merged)),
                    "timings": {k: round(v, 3) for k, v in timings.items()}})

@@ -32,9 +32,10 @@ from distann.bigbatch.tasks import stores_exact_vectors
 from distann.bigbatch.output import part_name
 from distann.bigbatch.work import WORK, check_output, clear_output, move_parts
 from distann.chunks import plan_chunks
-from distann.cluster import check_cluster_args, client_context, tree_reduce, wait_all
+from distann.cluster import check_backend, check_cluster_args, client_context, tree_reduce, wait_all
 from distann.dedup import tasks as T
 from distann.errors import IndexFormatError, ValidationError
+from distann.kernels import resolve_backend
 from distann.store.lease import GenerationLease
 from distann.store.location import Location
 from distann.validation import METRICS, check_bool, check_choice, check_positive_int
@@ -81,7 +82,8 @@ def dedup(source, threshold: float, metric: str = "cosine", *, out: str, index=N
           nprobe: int | None = None, spec: str | None = None, representative: str = "lowest-id",
           column: str | None = None, ids=None, ids_column: str | None = None, overwrite: bool = False,
           chunk_rows: int | None = None, storage_options: dict | None = None, client=None,
-          workers: int | None = None, scheduler: str | None = None, progress: bool = False) -> dict:
+          workers: int | None = None, scheduler: str | None = None, progress: bool = False,
+          backend: str | None = None) -> dict:
     """Group the near-duplicates of ``source`` and write one Parquet row per vector to ``out``
     (a folder of ``part-*.parquet``): ``id``, ``group_id`` (the lowest id of its group) and
     ``is_representative`` (one per group: the lowest id, or with ``representative="centroid"``
@@ -94,7 +96,10 @@ def dedup(source, threshold: float, metric: str = "cosine", *, out: str, index=N
     (default ``IVF<n>,Flat``, n about sqrt of the vectors); ``nprobe`` lists probed per vector;
     ``k``: keep at most k neighbours per vector (a kNN self-join, bounded output) instead of
     every pair within the threshold. Ids: ``ids`` (URL / array) or ``ids_column`` of the source;
-    default row numbers. A killed job rerun with the same arguments resumes.
+    default row numbers. A killed job rerun with the same arguments resumes. ``backend``: the
+    kernel backend of the index build, the self-join and every other kernel call, all on the
+    workers ("numba", "numpy" or "cuda"; default the ``distann.kernels.backend`` setting),
+    checked on every worker before any task is scheduled.
     """
     from distann.sources import as_source, resolve_ids
 
@@ -110,6 +115,7 @@ def dedup(source, threshold: float, metric: str = "cosine", *, out: str, index=N
     chunk_rows = check_positive_int("chunk_rows", chunk_rows if chunk_rows is not None
                                     else config.get("bigbatch.chunk-rows"))
     check_cluster_args(workers, scheduler, client)
+    backend = resolve_backend(backend)
     src = as_source(source, column=column, storage_options=storage_options)
     ids_src = resolve_ids(ids, ids_column, src, storage_options)
     idx = _reused_index(index, src, metric, storage_options)
@@ -151,6 +157,7 @@ def dedup(source, threshold: float, metric: str = "cosine", *, out: str, index=N
             clear_output(out_loc)
         work.write_json("job.json", {"key": key, "started": _now()})
         with client_context(workers=workers, scheduler=scheduler, client=client) as c:
+            check_backend(c, backend)
             # ---- exact duplicates
             t0 = time.perf_counter()
             nb = max(1, min(len(chunks), 32))
@@ -188,7 +195,7 @@ def dedup(source, threshold: float, metric: str = "cosine", *, out: str, index=N
             if nu > 1:
                 t0 = time.perf_counter()
                 if idx is None:
-                    idx = _build_index(c, work, queries, qcol, spec, metric, nu, progress, opts)
+                    idx = _build_index(c, work, queries, qcol, spec, metric, nu, progress, opts, backend)
                 timings["index_s"] = time.perf_counter() - t0
                 index_url = idx.url if reused else f"built: {idx.spec}"
                 used_nprobe = nprobe if nprobe is not None else default_nprobe(idx.nlist)
@@ -201,7 +208,7 @@ def dedup(source, threshold: float, metric: str = "cosine", *, out: str, index=N
                 radius = float(np.nextafter(threshold, -np.inf if ip else np.inf))
                 search = dict(nprobe=used_nprobe, out=pairs_url, format="parquet", client=c, query_ids_column=qcol,
                               exclude_self=True, exact=True, chunk_rows=chunk_rows, storage_options=opts,
-                              progress=progress, overwrite=True)
+                              progress=progress, overwrite=True, backend=backend)
                 try:
                     from distann.bigbatch.output import open_result
 
@@ -233,6 +240,10 @@ def dedup(source, threshold: float, metric: str = "cosine", *, out: str, index=N
                              for ch in chunks], "write", progress)
             sizes = c.submit(T.size_histogram, stats, pure=False).result()
             timings["groups_s"] = time.perf_counter() - t0
+            # the plot's nearest-neighbour sample is searched on a worker too (checked for the backend;
+            # the client may have no GPU)
+            nn = (c.submit(_nn_sample_task, idx.url, opts, queries, used_nprobe, backend, pure=False).result()
+                  if nu > 1 and idx is not None else None)
         move_parts(work, out_loc, [part_name(ch.name) for ch in chunks])
         groups_with_dups = int(sum(sizes.values()))
         in_groups = int(sum(s * n for s, n in sizes.items()))
@@ -245,8 +256,7 @@ def dedup(source, threshold: float, metric: str = "cosine", *, out: str, index=N
             "seconds": round(time.perf_counter() - t_start, 3), "timings": {k_: round(v, 3) for k_, v in timings.items()},
             "created": _now(), "output": out_loc.url,
         }
-        _plot(out_loc, np.concatenate(samples) if samples else np.empty(0, np.float32), threshold, metric,
-              _nn_sample(idx, queries, used_nprobe, metric) if nu > 1 and idx is not None else None)
+        _plot(out_loc, np.concatenate(samples) if samples else np.empty(0, np.float32), threshold, metric, nn)
         lease.check()
         out_loc.write_json(SUMMARY_PATH, summary, durable=True)
         lease.commit()
@@ -292,7 +302,7 @@ def _reused_index(index, src, metric: str, storage_options):
     return idx
 
 
-def _build_index(client, work: Location, queries, qcol, spec, metric, nu, progress, opts):
+def _build_index(client, work: Location, queries, qcol, spec, metric, nu, progress, opts, backend):
     from distann.builder.driver import build
     from distann.search.index import open_index
     from distann.store.manifest import manifest_exists
@@ -303,17 +313,25 @@ def _build_index(client, work: Location, queries, qcol, spec, metric, nu, progre
         return open_index(url, storage_options=opts, cache_bytes=0)
     spec = spec or f"IVF{default_nlist(nu)},Flat"
     log.info("building %s over the %d vectors to search", spec, nu)
-    build(queries, url, spec, metric, None, client, ids_column=qcol, storage_options=opts, progress=progress)
+    build(queries, url, spec, metric, None, client, ids_column=qcol, storage_options=opts, progress=progress,
+          backend=backend)
     return open_index(url, storage_options=opts, cache_bytes=0)
 
 
-def _nn_sample(idx, queries, nprobe: int, metric: str, n: int = 2000) -> np.ndarray:
+def _nn_sample_task(index_url: str, opts: dict, queries, nprobe: int, backend: str) -> np.ndarray:
+    """:func:`_nn_sample` on a worker, the index opened there from its URL."""
+    from distann.search.index import open_index
+
+    return _nn_sample(open_index(index_url, storage_options=opts, cache_bytes=0), queries, nprobe, backend)
+
+
+def _nn_sample(idx, queries, nprobe: int, backend: str, n: int = 2000) -> np.ndarray:
     """Distance (l2) or similarity to the nearest other vector, for up to ``n`` vectors spread
     over the searched set: where the bulk of the data lies relative to the threshold."""
     per = max(1, min(n, queries.n) // 20)
     starts = np.unique(np.linspace(0, max(0, queries.n - per), 20).astype(np.int64))
     x = np.concatenate([queries.read_rows(int(s), min(queries.n, int(s) + per)) for s in starts])
-    D, I = idx.search(x, k=2, nprobe=nprobe)
+    D, I = idx.search(x, k=2, nprobe=nprobe, backend=backend)
     return D[:, 1][I[:, 1] >= 0]
 
 

@@ -16,7 +16,8 @@ from types import ModuleType
 from distann.errors import ValidationError
 from distann.kernels.base import KernelBackend
 
-__all__ = ["KernelBackend", "available_backends", "get_backend"]
+__all__ = ["KernelBackend", "available_backends", "backend_status", "check_backend_name", "get_backend",
+           "resolve_backend"]
 
 # name -> module path of the implemented backends
 _REGISTRY: dict[str, str] = {
@@ -37,6 +38,41 @@ def _unusable(key: str) -> str | None:
     return probe()
 
 
+def _allowed() -> str:
+    return ", ".join(repr(n) for n in sorted(_REGISTRY) + sorted(_ALIASES))
+
+
+def check_backend_name(name: object, param: str = "backend") -> str:
+    """The registered name ``name`` stands for ("gpu" -> "cuda"), checking only the *name*:
+    nothing is imported and the machine is not probed (a client without a GPU may send work
+    to GPU workers). ``ValidationError`` naming ``param`` and the allowed values otherwise."""
+    key = _ALIASES.get(name, name) if isinstance(name, str) else name
+    if not isinstance(key, str) or key not in _REGISTRY:
+        raise ValidationError(param, name, f"unknown backend; must be one of {_allowed()}")
+    return key
+
+
+def resolve_backend(name: object = None) -> str:
+    """The backend a call runs on: ``name``, or when None the ``distann.kernels.backend``
+    setting (an error then names the setting), checked by :func:`check_backend_name`. The
+    result is the registered name, what library code sends to its worker tasks."""
+    if name is not None:
+        return check_backend_name(name)
+    from distann import config
+
+    return check_backend_name(config.get("kernels.backend"), "distann.kernels.backend")
+
+
+def backend_status(key: str) -> str:
+    """"ok" when backend ``key`` can run in this process, else the reason it cannot (what
+    ``distann backends`` and the worker check of ``distann.cluster.check_backend`` report)."""
+    try:
+        reason = _unusable(check_backend_name(key))
+    except Exception as exc:  # noqa: BLE001 - a broken GPU stack is reported, not raised
+        reason = f"{type(exc).__name__}: {exc}"
+    return "ok" if reason is None else reason
+
+
 def available_backends() -> list[str]:
     """Names ``get_backend`` accepts *on this machine* (aliases excluded), e.g.
     ``["cuda", "numba", "numpy"]`` where a GPU is usable, ``["numba", "numpy"]`` elsewhere."""
@@ -54,5 +90,4 @@ def get_backend(name: str = "numba") -> ModuleType:
         if reason is not None:
             raise ValidationError("backend", name, f"the {key} backend cannot run here: {reason}")
         return importlib.import_module(_REGISTRY[key])
-    allowed = ", ".join(repr(n) for n in sorted(_REGISTRY) + sorted(_ALIASES))
-    raise ValidationError("backend", name, f"unknown backend; must be one of {allowed}")
+    raise ValidationError("backend", name, f"unknown backend; must be one of {_allowed()}")

@@ -37,7 +37,6 @@ from typing import Any
 
 import numpy as np
 
-from distann import config
 from distann.codecs.metric import kernel_metric
 from distann.errors import IndexFormatError, ShardsUnavailableError, ValidationError
 from distann.search.index import Index
@@ -95,6 +94,7 @@ class DistributedIndex:
         self._token = uuid.uuid4().hex[:12]
         self.shards: list[list] = []  # futures, [shard][replica]
         self._where_cache: tuple[dict | None, float] = (None, 0.0)
+        self._backends_checked: set[str] = set()  # kernel backends every worker was seen to run
         self._lease = ReaderLease(local.loc, m.generation) if lease else None
         try:
             self._place()
@@ -208,6 +208,18 @@ class DistributedIndex:
                                      backend=backend, timeout=timeout)
         return r.lims, r.D, r.I
 
+    def _check_backend(self, backend: str | None) -> str:
+        """The backend name the shard tasks get; the workers are checked to run it the first
+        time it is used with this index (shards do not move to workers that join later)."""
+        from distann.cluster import check_backend
+        from distann.kernels import resolve_backend
+
+        key = resolve_backend(backend)
+        if key not in self._backends_checked:
+            check_backend(self.client, key)
+            self._backends_checked.add(key)
+        return key
+
     def search_result(self, xq, k: int | None = None, nprobe: int | None = None, *, max_codes: int | None = None,
                       ids_allowed=None, k_factor: int | None = None, backend: str | None = None,
                       timeout: float | None = None, allow_partial: bool = False) -> SearchResult:
@@ -221,7 +233,7 @@ class DistributedIndex:
         deadline = _deadline(timeout)
         refine = local.codec.refine
         kk = k * k_factor if refine else k
-        bname = backend or config.get("kernels.backend")
+        bname = self._check_backend(backend)
         nq = len(xq)
         D = np.empty((nq, k), np.float32)
         I = np.empty((nq, k), np.int64)
@@ -242,7 +254,7 @@ class DistributedIndex:
         radius = check_radius(radius, self.metric)
         xq_raw, xq, nprobe, max_codes, allowed, kern = local._prepare(xq, nprobe, max_codes, ids_allowed, backend)
         deadline = _deadline(timeout)
-        bname = backend or config.get("kernels.backend")
+        bname = self._check_backend(backend)
         lims_parts, D_parts, I_parts, base = [np.zeros(1, np.int64)], [], [], 0
         acc = _Tally()
         for s, e in local._batches(len(xq)):

@@ -9,8 +9,9 @@ import numpy as np
 
 from distann import config
 from distann.chunks import plan_chunks
-from distann.cluster import client_context, wait_all
+from distann.cluster import check_backend, client_context, wait_all
 from distann.errors import ValidationError
+from distann.kernels import resolve_backend
 from distann.train.kmeans import KMeansResult, train_on_blocks
 from distann.validation import INITS, check_choice, check_metric, check_positive_int, is_int
 from distann.train.sampling import ChunkScan, plan_sample, raise_if_nonfinite, scan_chunk
@@ -62,12 +63,15 @@ def _concat(*parts: np.ndarray) -> np.ndarray:
 def kmeans(source, k: int, *, niter: int = 25, metric: str = "l2", init: str = "random", seed: int = 1234,
            max_points_per_centroid: int = 256, client=None, workers: int | None = None,
            scheduler: str | None = None, column: str | None = None, storage_options: dict | None = None,
-           chunk_rows: int | None = None, progress: bool = False) -> KMeansResult:
+           chunk_rows: int | None = None, progress: bool = False, backend: str | None = None) -> KMeansResult:
     """Distributed k-means of ``source`` (URL, VectorSource or 2-D array) into ``k`` centroids.
 
     Trains on an unbiased sample of at most ``max_points_per_centroid * k`` rows (Faiss's rule)
     with ``niter`` Lloyd iterations. ``metric`` "l2" is ordinary k-means; "ip" is spherical
     k-means (centroids normalized each iteration); "cosine" also normalizes the data.
+    ``backend``: the kernel backend of the assignments on the workers ("numba", "numpy" or
+    "cuda"; default the ``distann.kernels.backend`` setting), checked on every worker before
+    any task is scheduled.
     """
     from distann.sources import as_source
 
@@ -75,12 +79,14 @@ def kmeans(source, k: int, *, niter: int = 25, metric: str = "l2", init: str = "
     check_metric(metric)
     check_train_params(niter, init, seed, max_points_per_centroid)
     chunk_rows = check_positive_int("chunk_rows", chunk_rows if chunk_rows is not None else config.get("build.chunk-rows"))
+    backend = resolve_backend(backend)
     src = as_source(source, column=column, storage_options=storage_options)
     if src.n < k:
         raise ValidationError("k", k, f"at most the number of vectors in the source ({src.n})")
     n_sample = min(src.n, max_points_per_centroid * k)
     with client_context(workers=workers, scheduler=scheduler, client=client) as c:
+        check_backend(c, backend)
         blocks, sizes, _ = collect_sample(c, src, plan_chunks(src.n, chunk_rows), n_sample, seed,
                                           metric == "cosine", progress)
         return train_on_blocks(c, blocks, sizes, k, niter=niter, spherical=metric != "l2",
-                               init=init, seed=seed, progress=progress, backend=config.get("kernels.backend"))
+                               init=init, seed=seed, progress=progress, backend=backend)
