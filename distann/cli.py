@@ -1,12 +1,14 @@
 """The ``distann`` command line: build, search (also ``--big-batch``), dedup, serve, query,
-verify, info, kmeans and eval.
+verify, info, kmeans, eval and backends.
 
 Jobs (build, search, kmeans, serve, dedup) take their settings from an optional YAML file
 (``--config``, see :mod:`distann.config` and ``configs/``) overridden by command line
 options; everything is validated before any work is scheduled. Progress bars (one per
 stage, only when stderr is a terminal, off with ``--no-progress``) and log messages go to
-stderr (:mod:`distann.logs`); only ``info``, ``verify``, ``eval`` and ``dedup`` (its summary)
-write results to stdout.
+stderr (:mod:`distann.logs`); only ``info``, ``verify``, ``eval``, ``backends`` and ``dedup``
+(its summary) write results to stdout. The commands that run kernels take ``--backend NAME``
+(numba, numpy or cuda; default the ``distann.kernels.backend`` setting); the machines that
+will run it (this one, or every worker of the cluster) are checked before any work.
 A :class:`~distann.errors.DistannError` ends the command with its message on one line (no
 traceback) and exit status 2, like an argparse usage error; SIGINT and SIGTERM stop it
 cleanly (status 130 and 143), shutting down the embedded cluster and leaving the committed
@@ -90,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(p, "--max-points-per-centroid", "build", "max_points_per_centroid", type=int, metavar="N")
     _opt(p, "--chunk-rows", "build", "chunk_rows", type=int, metavar="N")
     _opt(p, "--shard-bytes", "build", "shard_bytes", type=int, metavar="N")
+    _opt(p, "--backend", "build", "backend", metavar="NAME")
 
     p = sub.add_parser("search", parents=[common], help="search an index, write D and I to an .npz")
     p.add_argument("index", nargs="?", help="URL of the index (or `index` in the config)")
@@ -111,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(p, "--query-ids-column", "search", "query_ids_column", metavar="C")
     _opt(p, "--chunk-rows", "search", "chunk_rows", type=int, metavar="N")
     _opt(p, "--overwrite", "search", "overwrite", action="store_true")
+    _opt(p, "--backend", "search", "backend", metavar="NAME")
 
     p = sub.add_parser("dedup", parents=[common], help="find near-duplicate groups; write a Parquet table and a summary")
     p.add_argument("source", nargs="?", help="URL of the vectors (or `source` in the config)")
@@ -129,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(p, "--chunk-rows", "dedup", "chunk_rows", type=int, metavar="N")
     _cluster_opts(p, "dedup")
     _opt(p, "--overwrite", "dedup", "overwrite", action="store_true")
+    _opt(p, "--backend", "dedup", "backend", metavar="NAME")
 
     p = sub.add_parser("serve", parents=[common], help="serve an index over HTTP from a Dask cluster")
     p.add_argument("index", nargs="?", help="URL of the index (or `index` in the config)")
@@ -145,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(p, "--max-queries", "serve", "max_queries", type=int, metavar="N")
     _opt(p, "--max-k", "serve", "max_k", type=int, metavar="K")
     _opt(p, "--watch", "serve", "watch", type=float, metavar="SECONDS")
+    _opt(p, "--backend", "serve", "backend", metavar="NAME")
 
     p = sub.add_parser("query", parents=[common], help="search a running search service, write D and I to an .npz")
     p.add_argument("url", help="address of the service, e.g. http://127.0.0.1:8000")
@@ -178,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(p, "--max-points-per-centroid", "kmeans", "max_points_per_centroid", type=int, metavar="N")
     _opt(p, "--column", "kmeans", "column", metavar="C")
     _cluster_opts(p, "kmeans")
+    _opt(p, "--backend", "kmeans", "backend", metavar="NAME")
 
     p = sub.add_parser("eval", parents=[common], help="recall@k and QPS of an index over several nprobe")
     p.add_argument("index", help="URL of the index")
@@ -197,6 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load the whole index into memory before timing (default: when it takes at most half "
                         "of the available memory); --no-load times searches that read the probed lists "
                         "from the store")
+    p.add_argument("--backend", default=None, metavar="NAME",
+                   help="kernel backend of the searches: numba (CPU), numpy (the reference) or cuda (GPU: pip "
+                        "install 'distann[gpu]'); default: the distann.kernels.backend setting")
+
+    p = sub.add_parser("backends", parents=[common],
+                       help="print as JSON which kernel backends (numba, numpy, cuda) can run here, or why not")
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="also report each worker of the Dask cluster of this scheduler (tcp://host:8786)")
     return parser
 
 
@@ -249,8 +264,22 @@ def _cmd_build(args: argparse.Namespace) -> int:
         max_points_per_centroid=job.max_points_per_centroid, chunk_rows=job.chunk_rows,
         shard_bytes=job.shard_bytes, column=job.column, ids_column=job.ids_column,
         storage_options=job.storage_options, workers=job.workers, scheduler=job.scheduler,
-        progress=_progress(args))
+        progress=_progress(args), backend=job.backend)
     return 0
+
+
+def _local_backend(name: str | None) -> str:
+    """The backend of kernels run in this process, checked to run here before any work: the
+    registered name. Errors name ``--backend``, or the setting when the name came from it."""
+    from distann.kernels import get_backend, resolve_backend
+
+    key = resolve_backend(name)
+    try:
+        get_backend(key)
+    except ValidationError as exc:
+        raise ValidationError("--backend" if name is not None else "distann.kernels.backend", exc.received,
+                              exc.allowed) from None
+    return key
 
 
 def _check_output(param: str, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
@@ -309,7 +338,8 @@ def _cmd_big_batch(job: config.SearchJob, args: argparse.Namespace) -> int:
         job.index, job.queries, k=None if job.radius is not None else job.k, nprobe=job.nprobe, radius=job.radius,
         out=job.out, format=job.format, overwrite=job.overwrite, max_codes=job.max_codes, k_factor=job.k_factor,
         column=job.column, query_ids_column=job.query_ids_column, exclude_self=job.exclude_self,
-        chunk_rows=job.chunk_rows, workers=job.workers, scheduler=job.scheduler, progress=_progress(args))
+        chunk_rows=job.chunk_rows, workers=job.workers, scheduler=job.scheduler, progress=_progress(args),
+        backend=job.backend)
     log.info("result: %r", result)
     return 0
 
@@ -319,7 +349,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     import dask.config
 
     import distann
-    from distann.cluster import check_cluster_args, client_context
+    from distann.cluster import check_backend, check_cluster_args, client_context
 
     if job.big_batch:
         return _cmd_big_batch(job, args)
@@ -335,19 +365,23 @@ def _cmd_search(args: argparse.Namespace) -> int:
         check_cluster_args(job.workers, job.scheduler)
     elif job.replicas != 1:
         raise ValidationError("--replicas", job.replicas, "1 unless --workers or --scheduler is given")
+    backend = _local_backend(job.backend)  # this process quantizes the queries and merges, in any case
     index = distann.open_index(job.index)
     xq = _read_queries(job.queries, job.column, index.d)
     settings = {} if job.batch_size is None else {"distann.search.batch-size": job.batch_size}
     with dask.config.set(settings), contextlib.ExitStack() as stack:
         if distributed:
             client = stack.enter_context(client_context(job.workers, job.scheduler))
+            check_backend(client, backend)  # before the shards are loaded onto the workers
             index = stack.enter_context(distann.open_index(job.index, client=client, replicas=job.replicas))
         t0 = time.perf_counter()
         if job.radius is None:
-            D, I = index.search(xq, k=job.k, nprobe=job.nprobe, max_codes=job.max_codes, k_factor=job.k_factor)
+            D, I = index.search(xq, k=job.k, nprobe=job.nprobe, max_codes=job.max_codes, k_factor=job.k_factor,
+                                backend=backend)
             arrays = {"D": D, "I": I}
         else:
-            lims, D, I = index.range_search(xq, job.radius, nprobe=job.nprobe, max_codes=job.max_codes)
+            lims, D, I = index.range_search(xq, job.radius, nprobe=job.nprobe, max_codes=job.max_codes,
+                                            backend=backend)
             arrays = {"lims": lims, "D": D, "I": I}
         elapsed = time.perf_counter() - t0
     _save(job.out, lambda fh: np.savez(fh, **arrays))
@@ -365,7 +399,7 @@ def _cmd_dedup(args: argparse.Namespace) -> int:
         job.source, job.threshold, job.metric, out=job.out, index=job.index, k=job.k, nprobe=job.nprobe,
         spec=job.spec, representative=job.representative, column=job.column, ids=job.ids, ids_column=job.ids_column,
         overwrite=job.overwrite, chunk_rows=job.chunk_rows, storage_options=job.storage_options, workers=job.workers,
-        scheduler=job.scheduler, progress=_progress(args))
+        scheduler=job.scheduler, progress=_progress(args), backend=job.backend)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -378,17 +412,22 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise ValidationError("serve", f"missing package {exc.name!r}",
                               'the serve extra: pip install "distann[serve]"') from None
+    import dask.config
+
     import distann
-    from distann.cluster import check_cluster_args, client_context
+    from distann.cluster import check_backend, check_cluster_args, client_context
 
     check_cluster_args(job.workers, job.scheduler)
+    backend = _local_backend(job.backend)  # the coordinator quantizes and merges in this process
     distann.open_index(job.index, storage_options=job.storage_options)  # a bad URL fails before any cluster starts
     _check_port_free(job.host, job.port)
     token = job.token if job.token is not None else os.environ.get("DISTANN_TOKEN") or None
     settings = ServeSettings(batch_wait_ms=job.batch_wait_ms, max_batch=job.max_batch, deadline_ms=job.deadline_ms,
                              max_body_bytes=job.max_body_bytes, max_queries=job.max_queries, max_k=job.max_k,
                              token=token, watch_seconds=job.watch)
-    with client_context(job.workers, job.scheduler) as client:
+    with client_context(job.workers, job.scheduler) as client, \
+            dask.config.set({"distann.kernels.backend": backend}):  # every search of the service
+        check_backend(client, backend)
         holder = make_holder(job.index, client, replicas=job.replicas, storage_options=job.storage_options)
         try:
             serve(holder, settings, host=job.host, port=job.port)
@@ -467,7 +506,7 @@ def _cmd_kmeans(args: argparse.Namespace) -> int:
         job.source, job.k, niter=job.niter, metric=job.metric, init=job.init, seed=job.seed,
         max_points_per_centroid=job.max_points_per_centroid, column=job.column,
         storage_options=job.storage_options, workers=job.workers, scheduler=job.scheduler,
-        progress=_progress(args))
+        progress=_progress(args), backend=job.backend)
     elapsed = time.perf_counter() - t0
     centroids = np.ascontiguousarray(result.centroids, dtype=np.float32)
     _save(job.out, lambda fh: np.save(fh, centroids), job.storage_options)
@@ -516,6 +555,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                         ("--k-factor", args.k_factor)):
         if value is not None and value < 1:
             raise ValidationError(name, value, "must be a positive integer")
+    backend = _local_backend(args.backend)
     index = distann.open_index(args.index)
     for nprobe in args.nprobe:
         if not 1 <= nprobe <= index.nlist:
@@ -535,7 +575,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             f"it needs {size / 2**20:.0f} MiB, more than half of the {available / 2**20:.0f} MiB available"
         print(f"index streamed from the store ({reason}); each search reads the lists it probes")
     points, front = sweep_nprobe(index, xq, gt, args.nprobe, k=args.k, repeats=args.repeats,
-                                 max_codes=args.max_codes, k_factor=args.k_factor)
+                                 max_codes=args.max_codes, k_factor=args.k_factor, backend=backend)
     best = {p.nprobe for p in front}
     print(f"{'nprobe':>8} {f'recall@{args.k}':>10} {'QPS':>12}  pareto")
     for p in points:
@@ -543,9 +583,39 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def backend_report() -> dict[str, str]:
+    """Each registered kernel backend -> "ok", or why it cannot run in this process."""
+    from distann.kernels import _REGISTRY, backend_status
+
+    return {name: backend_status(name) for name in sorted(_REGISTRY)}
+
+
+def _cmd_backends(args: argparse.Namespace) -> int:
+    from distann.cluster import client_context
+
+    try:
+        default: str = config.get("kernels.backend")
+    except ValidationError as exc:
+        default = f"invalid setting: {exc}"
+    here = backend_report()
+    report: dict[str, Any] = {"default": default, "backends": here}
+    if here.get("cuda") == "ok":
+        try:
+            from distann.kernels.cuda import device_info
+
+            report["cuda_device"] = device_info()
+        except Exception as exc:  # noqa: BLE001 - a report, not a job: say what failed
+            report["cuda_device"] = f"{type(exc).__name__}: {exc}"
+    if args.scheduler is not None:
+        with client_context(scheduler=args.scheduler) as client:
+            report["workers"] = dict(sorted(client.run(backend_report).items()))
+    print(json.dumps(report, indent=2, default=str))
+    return 0
+
+
 _COMMANDS = {"build": _cmd_build, "search": _cmd_search, "verify": _cmd_verify, "info": _cmd_info,
              "kmeans": _cmd_kmeans, "eval": _cmd_eval, "serve": _cmd_serve, "query": _cmd_query,
-             "dedup": _cmd_dedup}
+             "dedup": _cmd_dedup, "backends": _cmd_backends}
 
 #: API parameter names that the command line spells otherwise
 _CLI_NAMES = {"index_url": "INDEX", "url": "INDEX", "xq": "QUERIES"}

@@ -101,9 +101,10 @@ dask.config.update_defaults(DEFAULTS)
 
 
 def _tunable_name(key: str, value: object) -> str:
-    if not isinstance(value, str) or not value:
-        raise ValidationError(key, value, "must be a non-empty backend name such as 'numba' or 'numpy'")
-    return value
+    from distann.kernels import check_backend_name
+
+    check_backend_name(value, key)  # the name only: whether it can run is checked where it runs
+    return value  # type: ignore[return-value]
 
 
 _TUNABLE_CHECKS: dict[str, Callable[[str, object], Any]] = {
@@ -194,6 +195,13 @@ def _options(value: object, param: str) -> dict[str, Any]:
     return dict(value)
 
 
+def _backend(value: object, param: str) -> str:
+    from distann.kernels import check_backend_name
+
+    check_backend_name(value, param)  # the name only: the workers are checked when the job starts
+    return value  # type: ignore[return-value]
+
+
 def _optional(check: Check) -> Check:
     def optional(value: object, param: str) -> Any:
         return None if value is None else check(value, param)
@@ -207,6 +215,8 @@ def _f(doc: str, check: Check, default: Any = dataclasses.MISSING) -> Any:
 
 # --------------------------------------------------------------------------- jobs
 
+_BACKEND = ("kernel backend: numba (CPU), numpy (the reference) or cuda (GPU: pip install 'distann[gpu]'; "
+            "aliases gpu, cupy); default: the distann.kernels.backend setting (numba unless set)")
 _WORKERS = "worker processes of a LocalCluster started for the job (default: one per core); excludes scheduler"
 _SCHEDULER = "address of a running dask scheduler to join, e.g. tcp://host:8786; excludes workers"
 
@@ -233,6 +243,8 @@ class BuildJob:
     chunk_rows: int | None = _f("rows per add task (default: distann.build.chunk-rows)", _optional(_positive), None)
     shard_bytes: int | None = _f("target bytes of one list-range shard (default: distann.build.shard-bytes)",
                                  _optional(_positive), None)
+    backend: str | None = _f(_BACKEND + "; runs the k-means and the add stage's assignment on the workers, "
+                             "each checked before any task", _optional(_backend), None)
     storage_options: dict[str, Any] | None = _f("fsspec options of the source and index URLs",
                                                 _optional(_options), None)
 
@@ -270,6 +282,9 @@ class SearchJob:
     chunk_rows: int | None = _f("big-batch: queries per task (default: distann.bigbatch.chunk-rows)",
                                 _optional(_positive), None)
     overwrite: bool = _f("big-batch: replace an existing result at out", _flag, False)
+    backend: str | None = _f(_BACKEND + "; runs in this process (plus the shard scans on the workers, checked "
+                             "first, with workers or scheduler); with big_batch only on the workers (checked "
+                             "first)", _optional(_backend), None)
 
 
 @dataclass(frozen=True)
@@ -289,6 +304,8 @@ class KMeansJob:
     column: str | None = _f("vector column of a Parquet source", _optional(_text), None)
     storage_options: dict[str, Any] | None = _f("fsspec options of the source and output URLs",
                                                 _optional(_options), None)
+    backend: str | None = _f(_BACKEND + "; runs the assignments on the workers, each checked before any task",
+                             _optional(_backend), None)
 
 
 def _threshold(value: object, param: str) -> float:
@@ -323,6 +340,8 @@ class DedupJob:
     scheduler: str | None = _f(_SCHEDULER, _optional(_text), None)
     storage_options: dict[str, Any] | None = _f("fsspec options of the source, index and output URLs",
                                                 _optional(_options), None)
+    backend: str | None = _f(_BACKEND + "; runs the index build and the self-join on the workers, each checked "
+                             "before any task", _optional(_backend), None)
 
 
 def _port(value: object, param: str) -> int:
@@ -370,6 +389,8 @@ class ServeJob:
     watch: float | None = _f("check for a newly committed generation every this many seconds and switch to "
                              "it once resident (default: only on POST /reload)", _optional(_positive_real), None)
     storage_options: dict[str, Any] | None = _f("fsspec options of the index URL", _optional(_options), None)
+    backend: str | None = _f(_BACKEND + "; the query coarse quantization and merge run in this process, the "
+                             "shard scans on the workers (both checked at start)", _optional(_backend), None)
 
 
 #: Keys of a job that exclude each other, with the reason given in the error.
