@@ -177,6 +177,14 @@ class Runtime:
         """Blocks launched at most; kernels loop over their work items (grid-stride)."""
         return 4 if self.simulated else 65535
 
+    @property
+    def tile_pairs(self) -> int:
+        """Pairs a Flat / SQ tile (``_distances.TQ`` on a device; 2 in the simulator, where each
+        accumulator costs Python time and several tiles per list still run)."""
+        from distann.kernels.cuda._distances import TQ
+
+        return 2 if self.simulated else TQ
+
     def threads(self, wanted: int) -> int:
         """Threads per block: as asked on a device, 4 in the simulator (a Python thread each)."""
         return 4 if self.simulated else wanted

@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import math
 
-from numba import cuda, float32
+from numba import cuda, float32, int64
 
 TQ = 8
 """Pairs per tile of the Flat / SQ kernel (distance accumulators per thread)."""
@@ -54,13 +54,13 @@ def _load_fp16(codes, row, c, j, scale, off, tab):
 _LOADERS = {MODE_FLAT: _load_flat, MODE_SQ8: _load_sq8, MODE_FP16: _load_fp16}
 
 
-def _flat_body(load):
+def _flat_body(load, tq: int):
     """The tile loop of :func:`flat_kernel` for one row loader, ``sq`` the tile's query slab."""
 
     @cuda.jit(device=True)
     def body(sq, xq, data, list_lo, tile_list, tile_p0, tile_np, pair_query, pair_len, pair_key, valid,
-             scale, off, tab, is_ip, buf):
-        acc = cuda.local.array(TQ, float32)
+             scale, off, tab, shift, centre, is_ip, buf):
+        acc = cuda.local.array(tq, float32)
         t = cuda.threadIdx.x
         nthreads = cuda.blockDim.x
         d = xq.shape[1]
@@ -70,9 +70,13 @@ def _flat_body(load):
             j = tile_list[tile]
             p0 = tile_p0[tile]
             npairs = tile_np[tile]
-            for e in range(t, TQ * d, nthreads):
+            for e in range(t, tq * d, nthreads):
                 qq = e // d
-                sq[e] = xq[pair_query[p0 + qq], e - qq * d] if qq < npairs else float32(0.0)
+                c = e - qq * d
+                if qq < npairs:
+                    sq[e] = xq[pair_query[p0 + qq], c] - shift[j, c] if centre else xq[pair_query[p0 + qq], c]
+                else:
+                    sq[e] = float32(0.0)
             longest = 0
             for qq in range(npairs):
                 longest = max(longest, pair_len[p0 + qq])
@@ -80,11 +84,11 @@ def _flat_body(load):
             lo = list_lo[j]
             for v in range(t, longest, nthreads):
                 row = lo + v
-                for qq in range(TQ):
+                for qq in range(tq):
                     acc[qq] = float32(0.0)
                 for c in range(d):
                     x = load(data, row, c, j, scale, off, tab)
-                    for qq in range(TQ):
+                    for qq in range(tq):
                         if is_ip:
                             acc[qq] += sq[qq * d + c] * x
                         else:
@@ -101,7 +105,7 @@ def _flat_body(load):
 
 
 @functools.lru_cache(maxsize=None)
-def flat_kernel(mode: int, shared: bool):
+def flat_kernel(mode: int, shared: bool, tq: int = TQ):
     """The tile kernel for Flat (``mode`` 0), SQ8 (1) or SQfp16 (2) lists.
 
     Arguments: ``xq`` (nq, d) float32; ``data`` the lists' rows (float32 vectors, uint8 or
@@ -109,24 +113,27 @@ def flat_kernel(mode: int, shared: bool):
     ``tile_p0`` (first pair), ``tile_np`` (pairs, <= TQ); per pair ``pair_query``, ``pair_len``
     (vectors scanned), ``pair_key`` (first buffer entry); ``valid`` uint8 per row (empty: all);
     ``scale`` (d,) and ``off`` (lists, d) the SQ decoding (x = code * scale + off[list]; fp16:
-    ``tab[code] + off[list]``); ``tab`` the fp16 table; ``is_ip``; ``scratch``; ``buf`` the keys.
-    ``shared``: the tile's queries in dynamic shared memory (TQ * d float32, up to 48 KiB);
-    else in ``scratch`` (gridDim, TQ * d) in global memory (large d).
+    ``tab[code] + off[list]``); ``tab`` the fp16 table; ``shift`` (lists, d) and ``centre``: when
+    set, the queries are centred on ``shift[list]`` (the list's centroid; SQ l2, whose offsets
+    then hold ``- centroid`` too, so large common offsets do not cost float32 precision);
+    ``is_ip``; ``scratch``; ``buf`` the keys. ``tq`` pairs a tile (:data:`TQ`; fewer in the
+    simulator). ``shared``: the tile's queries in dynamic shared memory (tq * d float32, up to
+    48 KiB); else in ``scratch`` (gridDim, tq * d) in global memory (large d).
     """
-    body = _flat_body(_LOADERS[mode])
+    body = _flat_body(_LOADERS[mode], tq)
     if shared:
         @cuda.jit
         def kernel(xq, data, list_lo, tile_list, tile_p0, tile_np, pair_query, pair_len, pair_key, valid,
-                   scale, off, tab, is_ip, scratch, buf):
+                   scale, off, tab, shift, centre, is_ip, scratch, buf):
             sq = cuda.shared.array(0, float32)
             body(sq, xq, data, list_lo, tile_list, tile_p0, tile_np, pair_query, pair_len, pair_key, valid,
-                 scale, off, tab, is_ip, buf)
+                 scale, off, tab, shift, centre, is_ip, buf)
     else:
         @cuda.jit
         def kernel(xq, data, list_lo, tile_list, tile_p0, tile_np, pair_query, pair_len, pair_key, valid,
-                   scale, off, tab, is_ip, scratch, buf):
+                   scale, off, tab, shift, centre, is_ip, scratch, buf):
             body(scratch[cuda.blockIdx.x], xq, data, list_lo, tile_list, tile_p0, tile_np, pair_query, pair_len,
-                 pair_key, valid, scale, off, tab, is_ip, buf)
+                 pair_key, valid, scale, off, tab, shift, centre, is_ip, buf)
     return kernel
 
 
@@ -163,7 +170,7 @@ def _pq_pair(lut, xq, codes, centers, codebooks, list_lo, pair_list, pair_query,
         row = lo + v
         s = float32(0.0)
         for m in range(M):
-            s += lut[m * K + codes[row, m]]
+            s += lut[m * K + int64(codes[row, m])]
         if has_valid and valid[row] == 0:
             buf[pair_key[p] + v] = float32(math.nan)
         else:

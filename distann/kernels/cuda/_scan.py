@@ -79,19 +79,30 @@ class _Device:
         self.scale = rt.to_device(codec.scale) if codec.mode == "sq8" else self.empty_f32
         self.codebooks = rt.to_device(codec.codebooks) if codec.mode == "pq" else None
 
+    @property
+    def centre(self) -> bool:
+        """Whether SQ l2 scans centre queries and decoded rows on the list's centroid."""
+        return self.codec.mode in ("sq8", "fp16") and not self.b.is_ip
+
     def offsets_of(self, j0: int, j1: int):
-        """Per-list decoding offsets (lists j0:j1, d): SQ8 ``base (+ centroid)``, fp16 the
-        centroid or zeros; computed in float64 and rounded once. Flat: unused."""
+        """Per-list decoding offsets and query shifts (lists j0:j1, d): SQ8 ``base (+ centroid)``,
+        fp16 the centroid or zeros, minus the centroid when centring (l2); computed in float64
+        and rounded once. Flat / PQ: unused."""
         c, b = self.codec, self.b
         if c.mode in ("flat", "pq"):
-            return self.empty_off
+            return self.empty_off, self.empty_off
         d = b.xq.shape[1]
+        cent = b.centers[j0:j1].astype(np.float64)
         off = np.zeros((j1 - j0, d), dtype=np.float64)
         if c.mode == "sq8":
             off += c.base[None, :]
         if c.by_residual:
-            off += b.centers[j0:j1].astype(np.float64)
-        return self.rt.to_device(np.ascontiguousarray(off, dtype=np.float32))
+            off += cent
+        if self.centre:
+            off -= cent
+        shift = self.rt.to_device(np.ascontiguousarray(b.centers[j0:j1], dtype=np.float32)) if self.centre \
+            else self.empty_off
+        return self.rt.to_device(np.ascontiguousarray(off, dtype=np.float32)), shift
 
 
 _F16: np.ndarray | None = None
@@ -134,19 +145,21 @@ def _keys_of_chunk(dev: _Device, chunk, g0: int, g1: int, plist: np.ndarray, ple
             valid_d, bool(c.by_residual), is_ip, scratch, buf)
         return buf, key0
     # Flat / SQ tiles: up to TQ consecutive pairs of one list
+    tq = rt.tile_pairs
     first_of_list = np.ones(g1 - g0, dtype=bool)
     first_of_list[1:] = local[1:] != local[:-1]
     run_start = np.maximum.accumulate(np.where(first_of_list, np.arange(g1 - g0), 0))
-    tile_start = np.flatnonzero(first_of_list | ((np.arange(g1 - g0) - run_start) % dk.TQ == 0))
+    tile_start = np.flatnonzero(first_of_list | ((np.arange(g1 - g0) - run_start) % tq == 0))
     tile_np = np.diff(np.append(tile_start, g1 - g0))
     mode = {"flat": dk.MODE_FLAT, "sq8": dk.MODE_SQ8, "fp16": dk.MODE_FP16}[c.mode]
-    shared = dk.TQ * d <= dk.SHARED_LUT_FLOATS
+    shared = tq * d <= dk.SHARED_LUT_FLOATS
     grid = max(1, min(len(tile_start), rt.max_grid if shared else min(rt.max_grid, 1024)))
-    scratch = rt.empty((1, 1) if shared else (grid, dk.TQ * d), np.float32)
-    dk.flat_kernel(mode, shared)[grid, rt.threads(128), stream, (dk.TQ * d * 4) if shared else 0](
+    scratch = rt.empty((1, 1) if shared else (grid, tq * d), np.float32)
+    off, shift = offs
+    dk.flat_kernel(mode, shared, tq)[grid, rt.threads(128), stream, (tq * d * 4) if shared else 0](
         dev.xq, data_d, list_lo, rt.to_device(local[tile_start]), rt.to_device(tile_start.astype(np.int64)),
-        rt.to_device(tile_np.astype(np.int64)), queries, lens_d, key0_d, valid_d, dev.scale, offs, dev.tab,
-        is_ip, scratch, buf)
+        rt.to_device(tile_np.astype(np.int64)), queries, lens_d, key0_d, valid_d, dev.scale, off, dev.tab,
+        shift, dev.centre, is_ip, scratch, buf)
     return buf, key0
 
 

@@ -100,18 +100,21 @@ def _kernel(kmax: int):
                         st[t] = st[t + stride]
                     cuda.syncthreads()
                     stride //= 2
-                won = si[0] != _EMPTY
+                won = si[0] != _EMPTY  # the same for every thread of the block
                 if t == 0:
                     o = out_row[s] * k + r
                     if won:
                         out_D[o] = -sk[0] if negate else sk[0]
                         out_I[o] = si[0]
-                    else:
-                        out_D[o] = pad
-                        out_I[o] = -1
+                    else:  # every list exhausted: pad the rest of the row and stop
+                        for rr in range(r, k):
+                            out_D[out_row[s] * k + rr] = pad
+                            out_I[out_row[s] * k + rr] = -1
                 if won and st[0] == t:
                     h += 1
                 cuda.syncthreads()
+                if not won:
+                    break
 
     return select
 
