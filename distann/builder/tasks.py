@@ -64,7 +64,7 @@ def add_chunk(ctx: AddContext, chunk: ChunkTask, source, ids_source, centroids: 
            else ids_source.read(chunk.start, chunk.stop))
     assign = nearest(y, centroids, ctx.spherical, ctx.backend)
     order, offsets = list_order(assign, ctx.nlist)
-    codes = codec.encode(y[order], assign[order], centroids)
+    codes = codec.encode(y[order], assign[order], centroids, backend=ctx.backend)
     del y
     raw = x_raw[order] if ctx.raw_d else None
     staging.write(codes, ids[order], offsets, raw, after_codes=lambda: _maybe_fail("add", chunk.name))

@@ -89,8 +89,9 @@ class Quantizer(ABC):
         """Fit on a sample of what ``encode`` will see (residuals when ``by_residual``)."""
 
     @abstractmethod
-    def encode(self, x: np.ndarray) -> np.ndarray:
-        """(n, d) float32 -> (n, code_width) codes."""
+    def encode(self, x: np.ndarray, backend: str = "numba") -> np.ndarray:
+        """(n, d) float32 -> (n, code_width) codes; ``backend`` names the kernel backend of any
+        nearest-centroid search the encoding needs (PQ)."""
 
     @abstractmethod
     def decode(self, codes: np.ndarray) -> np.ndarray:

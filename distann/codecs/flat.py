@@ -18,7 +18,7 @@ class FlatQuantizer(Quantizer):
     def code_width(self) -> int:
         return self.d
 
-    def encode(self, x: np.ndarray) -> np.ndarray:
+    def encode(self, x: np.ndarray, backend: str = "numba") -> np.ndarray:
         return np.ascontiguousarray(x, dtype=np.float32)
 
     def decode(self, codes: np.ndarray) -> np.ndarray:

@@ -97,11 +97,12 @@ class CodecPipeline:
         """Source vectors or queries -> the IVF space (metric transform, then pre-transforms)."""
         return self.transform(self.raw(x))
 
-    def encode(self, y: np.ndarray, assign: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-        """Vectors of the IVF space assigned to lists -> codes (residuals where the quantizer wants them)."""
+    def encode(self, y: np.ndarray, assign: np.ndarray, centroids: np.ndarray, backend: str = "numba") -> np.ndarray:
+        """Vectors of the IVF space assigned to lists -> codes (residuals where the quantizer
+        wants them); ``backend``: the kernel backend of PQ's sub-quantizer assignment."""
         if self.quantizer.by_residual:
             y = y - centroids[assign]
-        return self.quantizer.encode(np.ascontiguousarray(y, dtype=np.float32))
+        return self.quantizer.encode(np.ascontiguousarray(y, dtype=np.float32), backend=backend)
 
     def decode(self, codes: np.ndarray, assign: np.ndarray, centroids: np.ndarray) -> np.ndarray:
         """Codes of lists ``assign`` -> approximate vectors of the IVF space."""

@@ -52,7 +52,7 @@ class SQ8Quantizer(Quantizer):
         self.vmin = np.ascontiguousarray(lo, dtype=np.float32)
         self.vdiff = np.ascontiguousarray(np.asarray(hi, dtype=np.float32) - self.vmin, dtype=np.float32)
 
-    def encode(self, x: np.ndarray) -> np.ndarray:
+    def encode(self, x: np.ndarray, backend: str = "numba") -> np.ndarray:
         scale = np.divide(np.float32(255), self.vdiff, out=np.zeros_like(self.vdiff), where=self.vdiff > 0)
         q = np.floor((np.asarray(x, dtype=np.float32) - self.vmin) * scale)
         return np.clip(q, 0, 255).astype(np.uint8)
@@ -85,7 +85,7 @@ class SQfp16Quantizer(Quantizer):
     def code_width(self) -> int:
         return self.d
 
-    def encode(self, x: np.ndarray) -> np.ndarray:
+    def encode(self, x: np.ndarray, backend: str = "numba") -> np.ndarray:
         clipped = np.clip(np.asarray(x, dtype=np.float32), -_HALF_MAX, _HALF_MAX)
         return clipped.astype(np.float16).view(np.uint16)
 

@@ -119,5 +119,5 @@ def _reconstruction_mse(client, pipeline: CodecPipeline, centroids: np.ndarray, 
     x = gather_rows(client, raw_blocks, sizes, positions)
     y = pipeline.transform(x)
     assign = nearest(y, centroids, pipeline.metric != "l2", backend)
-    rec = pipeline.reconstruct(pipeline.encode(y, assign, centroids), assign, centroids)
+    rec = pipeline.reconstruct(pipeline.encode(y, assign, centroids, backend=backend), assign, centroids)
     return float(((rec.astype(np.float64) - x) ** 2).sum(axis=1).mean())

@@ -44,8 +44,8 @@ def probe() -> str | None:
     try:
         import cupy
     except ImportError as e:
-        return (f"CuPy is not installed ({e}); install the GPU extra, pip install 'distann[gpu]' "
-                "(it pulls cupy-cuda12x; use the CuPy wheel matching your CUDA driver, e.g. cupy-cuda13x)")
+        return (f"CuPy is not installed ({e}); install the GPU extra: pip install 'distann[gpu]' for CUDA 12 "
+                "drivers, 'distann[gpu-cu13]' for CUDA 13")
     try:
         count = int(cupy.cuda.runtime.getDeviceCount())
     except Exception as e:  # CUDARuntimeError: no driver, driver too old, no device
@@ -60,7 +60,7 @@ def probe() -> str | None:
 
         if not cuda.is_available():
             return ("Numba cannot use the CUDA driver (numba.cuda.is_available() is False); install "
-                    "numba-cuda matching the CUDA version (pip install 'distann[gpu]')")
+                    "numba-cuda matching the CUDA version (pip install 'distann[gpu]' or 'distann[gpu-cu13]')")
     except Exception as e:
         return f"Numba's CUDA target failed to load ({type(e).__name__}: {e}); install numba-cuda"
     return None
