@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: quickstart test test-all bench-build bench-search bench-codecs bench-serve bench-bigbatch install clean
+.PHONY: quickstart test test-all bench-build bench-search bench-codecs bench-serve bench-bigbatch bench-gpu gpu-wheels install clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,21 @@ bench-serve: $(VENV)/.installed
 ## Dedup and self-kNN at 1M x 64 against exact brute force and faiss-cpu, worker memory vs queries
 bench-bigbatch: $(VENV)/.installed
 	$(PY) jobs/bench_bigbatch.py
+
+## The GPU benchmark (cuda vs numba vs PyTorch brute force, ceilings, k-means) on a machine with a GPU;
+## on a lent device machine run `bash jobs/gpu_device.sh` instead (docs/benchmarks/gpu.md)
+bench-gpu: $(VENV)/.installed
+	$(PY) jobs/bench_gpu.py $(BENCH_GPU_ARGS)
+
+## Wheels the lent GPU machine lacks (jobs/gpu_wheels.txt), for Python 3.12 x86-64, into .whl/ (git-ignored);
+## a device call carries them: carry [".whl"], command `bash jobs/gpu_device.sh`
+GPU_WHEEL_PLATFORMS := --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+	--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64
+gpu-wheels: $(VENV)/.installed
+	rm -rf .whl && mkdir -p .whl
+	grep -Ev '^[[:space:]]*(#|$$)' jobs/gpu_wheels.txt | xargs $(PY) -m pip download -q --no-deps --only-binary=:all: \
+		--python-version 3.12 --implementation cp $(GPU_WHEEL_PLATFORMS) -d .whl
+	@ls .whl | sed 's/^/  /'; du -sh .whl
 
 clean:
 	rm -rf $(VENV) data out .pytest_cache
