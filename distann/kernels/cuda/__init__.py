@@ -57,11 +57,13 @@ def clear_resident() -> None:
 
 
 def _guard(fn):
-    """Turn a CUDA out-of-memory error anywhere in ``fn`` into a ``DeviceMemoryError``."""
+    """Run ``fn`` with CuPy's work on the runtime's compute stream (the stream the Numba kernels
+    are launched on, so copies, library calls and kernels are ordered), and turn a CUDA
+    out-of-memory error anywhere in it into a ``DeviceMemoryError``."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with _oom_as_error(f"in {fn.__name__}", 0):
+        with _oom_as_error(f"in {fn.__name__}", 0), runtime().compute():
             return fn(*args, **kwargs)
 
     return wrapper
