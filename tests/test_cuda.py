@@ -64,7 +64,8 @@ def _fresh_cache(cu):
 @pytest.mark.parametrize("kind", ["normal", "offset", "zeros", "dups"])
 def test_flat_scan_matches_reference(cu, metric, kind):
     rng = np.random.default_rng([len(metric), len(kind)])
-    for d, nq, nprobe in ((1, 1, 1), (5, 3, 3), (3, 2, len(SMALL))):
+    configs = ((1, 1, 1), (5, 3, 3), (3, 2, len(SMALL))) if kind == "normal" else ((5, 3, 3),)
+    for d, nq, nprobe in configs:
         batch = Batch(rng, SMALL, d, nq, nprobe, kind=kind)
         for k in (1, 60):  # 60 > every list and > the 48 vectors of the batch
             _check_scan(cu, batch, k, metric)
@@ -115,8 +116,11 @@ def test_scan_into_out_by_parts_equals_one_scan(cu):
     np.testing.assert_array_equal(out[0], whole[0])
 
 
-@pytest.mark.parametrize("metric", METRICS)
-@pytest.mark.parametrize("sq_kind", [0, 1])
+SLOW = pytest.mark.slow  # the other half of a parametrization, for `make test-all`
+
+
+@pytest.mark.parametrize("metric, sq_kind", [("l2", 0), ("ip", 1), pytest.param("ip", 0, marks=SLOW),
+                                             pytest.param("l2", 1, marks=SLOW)])
 def test_sq_scan_matches_reference(cu, metric, sq_kind):
     rng = np.random.default_rng([len(metric), sq_kind])
     for by_residual in (False, True):
@@ -136,8 +140,8 @@ def test_sq_fp16_bit_patterns(cu):
         Coded(batch, True, sq=(bits, 1, np.zeros(0, np.float32), np.zeros(0, np.float32))).check(cu, (5,), metric)
 
 
-@pytest.mark.parametrize("metric", METRICS)
-@pytest.mark.parametrize("by_residual", [False, True])
+@pytest.mark.parametrize("metric, by_residual", [("l2", True), ("ip", False), pytest.param("l2", False, marks=SLOW),
+                                                 pytest.param("ip", True, marks=SLOW)])
 def test_pq_scan_matches_reference(cu, metric, by_residual):
     rng = np.random.default_rng([len(metric), by_residual, 2])
     for M, dsub, K in ((1, 1, 2), (2, 3, 16), (3, 1, 256)):
@@ -240,13 +244,13 @@ def test_coarse_quantize_matches_reference(cu, metric):
 @pytest.mark.parametrize("kind", ["normal", "offset", "dups", "zeros"])
 def test_exact_knn_matches_reference(cu, metric, kind):
     rng = np.random.default_rng([len(metric), len(kind)])
-    n, d = 90, 5
+    n, d = 40, 5
     xb = _vectors(rng, n, d, kind)
     ids = (rng.permutation(n) * 3 + 7).astype(np.int64)
     by_id = {int(i): r for r, i in enumerate(ids)}
     xq = _vectors(rng, 3, d, kind)
     atol = ATOL_FRACTION * _scale(xq, xb, metric)
-    for k in (1, 10, n + 5):
+    for k in (1, 10, n + 5) if kind == "normal" else (10,):
         D, I = cu.exact_knn(xq, xb, ids, k, metric)
         Dr, Ir = REF.exact_knn(xq, xb, ids, k, metric)
         assert_knn_equal(D, I, Dr, Ir, atol, lambda row, idx: _exact(xq[row], xb[by_id[int(idx)]], metric))
