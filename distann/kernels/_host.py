@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from distann.errors import ValidationError
+
 
 def centre_of(rows: np.ndarray) -> np.ndarray:
     """A centre for the l2 computations on ``rows``: the mean of a strided sample of at most
@@ -22,3 +24,29 @@ def centre_of(rows: np.ndarray) -> np.ndarray:
         unit = 2.0 ** np.floor(np.log2(rms))
         mu = np.round(mu / unit) * unit
     return mu.astype(np.float32)
+
+
+def padded(shape: tuple[int, ...], is_ip: bool) -> tuple[np.ndarray, np.ndarray]:
+    D = np.full(shape, -np.inf if is_ip else np.inf, dtype=np.float32)
+    I = np.full(shape, -1, dtype=np.int64)
+    return D, I
+
+
+def scan_outputs(nq: int, nprobe, k, is_ip: bool, out):
+    """(nprobe, k, D and I of shape (nq, nprobe, k): ``out`` or new padded arrays, whether
+    there is nothing to scan)."""
+    nprobe, k = int(nprobe), int(k)
+    if out is None:
+        D, I = padded((nq, nprobe, k), is_ip)
+    else:
+        D, I = out
+        if D.shape != (nq, nprobe, k) or I.shape != D.shape or D.dtype != np.float32 or I.dtype != np.int64 \
+                or not (D.flags.c_contiguous and I.flags.c_contiguous):
+            raise ValidationError("out", (D.shape, I.shape), f"C-contiguous float32 / int64 arrays of shape "
+                                                             f"{(nq, nprobe, k)}")
+    return nprobe, k, D, I, nq == 0 or nprobe <= 0 or k <= 0
+
+
+def check_codes(codes: np.ndarray, ncols: int, what: str) -> None:
+    if codes.ndim != 2 or codes.shape[1] != ncols:
+        raise ValidationError("codes", codes.shape, f"must be (N, {ncols}): {what}")

@@ -38,6 +38,10 @@ import functools
 import numpy as np
 
 from distann.errors import ValidationError
+from distann.kernels._host import centre_of as _centre_of
+from distann.kernels._host import check_codes as _check_codes
+from distann.kernels._host import padded as _padded
+from distann.kernels._host import scan_outputs as _scan_outputs
 from distann.kernels.cuda import _scan
 from distann.kernels.cuda._device import _oom_as_error, device_info, runtime
 from distann.kernels.cuda._distances import rerank_kernel
@@ -85,16 +89,6 @@ def _i64(a):
 
 def _u8(a):
     return np.ascontiguousarray(a, dtype=np.uint8)
-
-
-def _padded(shape, is_ip: bool):
-    return (np.full(shape, -np.inf if is_ip else np.inf, dtype=np.float32), np.full(shape, -1, dtype=np.int64))
-
-
-def _centre_of(rows: np.ndarray) -> np.ndarray:
-    from distann.kernels._host import centre_of
-
-    return centre_of(rows)
 
 
 def _cached(rt, a: np.ndarray):
@@ -315,17 +309,16 @@ def rerank(xq: np.ndarray, xb: np.ndarray, ids: np.ndarray, candidates: np.ndarr
 
 # ------------------------------------------------------------------ list scans
 
-def _scan_outputs(nq: int, nprobe, k, is_ip: bool, out):
-    nprobe, k = int(nprobe), int(k)
-    if out is None:
-        D, I = _padded((nq, nprobe, k), is_ip)
-    else:
-        D, I = out
-        if D.shape != (nq, nprobe, k) or I.shape != D.shape or D.dtype != np.float32 or I.dtype != np.int64 \
-                or not (D.flags.c_contiguous and I.flags.c_contiguous):
-            raise ValidationError("out", (D.shape, I.shape), f"C-contiguous float32 / int64 arrays of shape "
-                                                             f"{(nq, nprobe, k)}")
-    return nprobe, k, D, I, nq == 0 or nprobe <= 0 or k <= 0
+def _knn_scan(xq, data, codec, ids, list_offsets, centers, group_offsets, group_queries, group_slots, group_limits,
+              valid, nprobe, k, is_ip, out):
+    """The body of the three kNN scans: outputs, the batch, the device scan."""
+    nprobe, k, D, I, empty = _scan_outputs(np.shape(xq)[0], nprobe, k, is_ip, out)
+    if empty or len(group_queries) == 0:
+        return D, I
+    b = _batch(xq, data, ids, list_offsets, centers, group_offsets, group_queries, group_slots, group_limits,
+               valid, is_ip)
+    _scan.knn_scan(runtime(), b, codec, k, D, I)
+    return D, I
 
 
 def _batch(xq, data, ids, list_offsets, centers, group_offsets, group_queries, group_slots, group_limits,
@@ -336,25 +329,14 @@ def _batch(xq, data, ids, list_offsets, centers, group_offsets, group_queries, g
                        is_ip)
 
 
-def _check_codes(codes: np.ndarray, ncols: int, what: str) -> None:
-    if codes.ndim != 2 or codes.shape[1] != ncols:
-        raise ValidationError("codes", codes.shape, f"must be (N, {ncols}): {what}")
-
-
 @_guard
 def scan_lists(xq: np.ndarray, xb: np.ndarray, ids: np.ndarray, list_offsets: np.ndarray,
                centers: np.ndarray, group_offsets: np.ndarray, group_queries: np.ndarray,
                group_slots: np.ndarray, group_limits: np.ndarray, valid: np.ndarray,
                nprobe: int, k: int, metric: str, out=None) -> tuple[np.ndarray, np.ndarray]:
     """List-major kNN scan of a batch on the device: per-(query, probe) top-``k``."""
-    is_ip = _check_metric(metric)
-    nprobe, k, D, I, empty = _scan_outputs(np.shape(xq)[0], nprobe, k, is_ip, out)
-    if empty or len(group_queries) == 0:
-        return D, I
-    b = _batch(xq, _f32(xb), ids, list_offsets, centers, group_offsets, group_queries, group_slots, group_limits,
-               valid, is_ip)
-    _scan.knn_scan(runtime(), b, _scan.Codec("flat"), k, D, I)
-    return D, I
+    return _knn_scan(xq, _f32(xb), _scan.Codec("flat"), ids, list_offsets, centers, group_offsets, group_queries,
+                     group_slots, group_limits, valid, nprobe, k, _check_metric(metric), out)
 
 
 def _sq_codec(xq, codes, sq_kind, vmin, vdiff, by_residual):
@@ -386,13 +368,8 @@ def scan_lists_sq(xq: np.ndarray, codes: np.ndarray, ids: np.ndarray, list_offse
     """``scan_lists`` on scalar-quantized lists, decoded inside the distance kernel."""
     is_ip = _check_metric(metric)
     codes, codec = _sq_codec(xq, codes, sq_kind, vmin, vdiff, by_residual)
-    nprobe, k, D, I, empty = _scan_outputs(np.shape(xq)[0], nprobe, k, is_ip, out)
-    if empty or len(group_queries) == 0:
-        return D, I
-    b = _batch(xq, codes, ids, list_offsets, centers, group_offsets, group_queries, group_slots, group_limits,
-               valid, is_ip)
-    _scan.knn_scan(runtime(), b, codec, k, D, I)
-    return D, I
+    return _knn_scan(xq, codes, codec, ids, list_offsets, centers, group_offsets, group_queries, group_slots,
+                     group_limits, valid, nprobe, k, is_ip, out)
 
 
 def _pq_codec(xq, codes, codebooks, by_residual):
@@ -418,13 +395,8 @@ def scan_lists_pq(xq: np.ndarray, codes: np.ndarray, ids: np.ndarray, list_offse
     """``scan_lists`` on product-quantized lists: a lookup table per pair in shared memory."""
     is_ip = _check_metric(metric)
     codes, codec = _pq_codec(xq, codes, codebooks, by_residual)
-    nprobe, k, D, I, empty = _scan_outputs(np.shape(xq)[0], nprobe, k, is_ip, out)
-    if empty or len(group_queries) == 0:
-        return D, I
-    b = _batch(xq, codes, ids, list_offsets, centers, group_offsets, group_queries, group_slots, group_limits,
-               valid, is_ip)
-    _scan.knn_scan(runtime(), b, codec, k, D, I)
-    return D, I
+    return _knn_scan(xq, codes, codec, ids, list_offsets, centers, group_offsets, group_queries, group_slots,
+                     group_limits, valid, nprobe, k, is_ip, out)
 
 
 @_guard

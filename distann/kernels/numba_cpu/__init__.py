@@ -86,6 +86,9 @@ from distann.kernels.numba_cpu._lists import (
     _run_part,
 )
 from distann.kernels._host import centre_of as _centre_of
+from distann.kernels._host import check_codes as _check_codes
+from distann.kernels._host import padded as _padded
+from distann.kernels._host import scan_outputs as _scan_outputs
 from distann.kernels.numba_cpu._threads import _parallel
 
 name = "numba"
@@ -120,10 +123,6 @@ def _u8(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.uint8)
 
 
-def _padded(shape: tuple[int, ...], is_ip: bool) -> tuple[np.ndarray, np.ndarray]:
-    D = np.full(shape, -np.inf if is_ip else np.inf, dtype=np.float32)
-    I = np.full(shape, -1, dtype=np.int64)
-    return D, I
 
 
 _NO_F32_1 = np.empty(0, dtype=np.float32)
@@ -177,21 +176,6 @@ def coarse_quantize(xq: np.ndarray, centroids: np.ndarray, nprobe: int,
     return D, I
 
 
-def _scan_outputs(nq: int, nprobe, k, is_ip: bool, out):
-    """(nprobe, k, D and I of shape (nq, nprobe, k): ``out`` or new padded arrays, whether
-    there is nothing to scan)."""
-    nprobe, k = int(nprobe), int(k)
-    if out is None:
-        D, I = _padded((nq, nprobe, k), is_ip)
-    else:
-        D, I = out
-        if D.shape != (nq, nprobe, k) or I.shape != D.shape or D.dtype != np.float32 or I.dtype != np.int64 \
-                or not (D.flags.c_contiguous and I.flags.c_contiguous):
-            raise ValidationError("out", (D.shape, I.shape), f"C-contiguous float32 / int64 arrays of shape "
-                                                             f"{(nq, nprobe, k)}")
-    return nprobe, k, D, I, nq == 0 or nprobe <= 0 or k <= 0
-
-
 def _batch_parts(list_offsets: np.ndarray, group_offsets: np.ndarray, d: int):
     """Lists of the batch balanced over the threads (one part when the batch is small)."""
     return _plan_parts(list_offsets, group_offsets, d, _nthreads(), float(_SERIAL_WORK))
@@ -217,11 +201,6 @@ def scan_lists(xq: np.ndarray, xb: np.ndarray, ids: np.ndarray, list_offsets: np
               _i64(group_slots), _i64(group_limits), _u8(valid), k, is_ip, D, I, 0.0,
               _NO_I64_1, _NO_I64_1, _NO_F32_1, _NO_I64_1)
     return D, I
-
-
-def _check_codes(codes: np.ndarray, ncols: int, what: str) -> None:
-    if codes.ndim != 2 or codes.shape[1] != ncols:
-        raise ValidationError("codes", codes.shape, f"must be (N, {ncols}): {what}")
 
 
 def scan_lists_sq(xq: np.ndarray, codes: np.ndarray, ids: np.ndarray, list_offsets: np.ndarray,
