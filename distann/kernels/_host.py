@@ -2,9 +2,30 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from distann.errors import ValidationError
+
+
+def check_metric(metric: str) -> bool:
+    """Return True for "ip", False for "l2"; raise ValidationError otherwise."""
+    if metric != "l2" and metric != "ip":
+        raise ValidationError("metric", metric, "must be 'l2' or 'ip'")
+    return metric == "ip"
+
+
+def f32(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def i64(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.int64)
+
+
+def u8(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.uint8)
 
 
 def centre_of(rows: np.ndarray) -> np.ndarray:
@@ -50,3 +71,10 @@ def scan_outputs(nq: int, nprobe, k, is_ip: bool, out):
 def check_codes(codes: np.ndarray, ncols: int, what: str) -> None:
     if codes.ndim != 2 or codes.shape[1] != ncols:
         raise ValidationError("codes", codes.shape, f"must be (N, {ncols}): {what}")
+
+
+@functools.lru_cache(maxsize=1)
+def f16_table() -> np.ndarray:
+    """float32 value of every IEEE half-precision bit pattern (65536 entries, 256 KiB), built
+    once per process; the fp16 scalar quantizer's decode table."""
+    return np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)

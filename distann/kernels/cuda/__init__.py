@@ -40,8 +40,12 @@ import numpy as np
 from distann.errors import ValidationError
 from distann.kernels._host import centre_of as _centre_of
 from distann.kernels._host import check_codes as _check_codes
+from distann.kernels._host import check_metric as _check_metric
+from distann.kernels._host import f32 as _f32
+from distann.kernels._host import i64 as _i64
 from distann.kernels._host import padded as _padded
 from distann.kernels._host import scan_outputs as _scan_outputs
+from distann.kernels._host import u8 as _u8
 from distann.kernels.cuda import _scan
 from distann.kernels.cuda._device import _oom_as_error, device_info, runtime
 from distann.kernels.cuda._distances import rerank_kernel
@@ -71,24 +75,6 @@ def _guard(fn):
             return fn(*args, **kwargs)
 
     return wrapper
-
-
-def _check_metric(metric: str) -> bool:
-    if metric != "l2" and metric != "ip":
-        raise ValidationError("metric", metric, "must be 'l2' or 'ip'")
-    return metric == "ip"
-
-
-def _f32(a):
-    return np.ascontiguousarray(a, dtype=np.float32)
-
-
-def _i64(a):
-    return np.ascontiguousarray(a, dtype=np.int64)
-
-
-def _u8(a):
-    return np.ascontiguousarray(a, dtype=np.uint8)
 
 
 def _cached(rt, a: np.ndarray):

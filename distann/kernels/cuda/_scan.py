@@ -10,9 +10,11 @@ one work chunk (keys: 4 bytes per scanned vector; outputs: 12 bytes per pair and
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
+from distann.kernels._host import f16_table
 from distann.kernels.cuda import _distances as dk
 from distann.kernels.cuda._resident import list_chunks
 from distann.kernels.cuda._select import select_segments
@@ -73,7 +75,7 @@ class _Device:
         self.empty_f32 = rt.empty((1,), np.float32)
         self.empty_off = rt.empty((1, 1), np.float32)
         if codec.mode == "fp16":
-            self.tab = rt.to_device(_f16_table())
+            self.tab = rt.to_device(f16_table())
         else:
             self.tab = self.empty_f32
         self.scale = rt.to_device(codec.scale) if codec.mode == "sq8" else self.empty_f32
@@ -84,13 +86,19 @@ class _Device:
         """Whether SQ l2 scans centre queries and decoded rows on the list's centroid."""
         return self.codec.mode in ("sq8", "fp16") and not self.b.is_ip
 
-    def offsets_of(self, j0: int, j1: int):
-        """Per-list decoding offsets and query shifts (lists j0:j1, d): SQ8 ``base (+ centroid)``,
-        fp16 the centroid or zeros, minus the centroid when centring (l2); computed in float64
-        and rounded once. Flat / PQ: unused."""
-        c, b = self.codec, self.b
-        if c.mode in ("flat", "pq"):
-            return self.empty_off, self.empty_off
+    def tables_of(self, chunk) -> "_Tables":
+        """A list chunk's device tables, built once for all its work chunks: first rows of its
+        lists; per-list decoding offsets and query shifts (SQ8 ``base (+ centroid)``, fp16 the
+        centroid or zeros, minus the centroid when centring (l2); float64, rounded once); the
+        lists' centroids for PQ."""
+        c, b, rt = self.codec, self.b, self.rt
+        j0, j1 = chunk.j0, min(chunk.j1, len(b.list_offsets) - 1)
+        list_lo = rt.to_device(chunk.list_lo)
+        if c.mode == "pq":
+            return _Tables(list_lo, self.empty_off, self.empty_off,
+                           rt.to_device(np.ascontiguousarray(b.centers[j0:j1], dtype=np.float32)))
+        if c.mode == "flat":
+            return _Tables(list_lo, self.empty_off, self.empty_off, self.empty_off)
         d = b.xq.shape[1]
         cent = b.centers[j0:j1].astype(np.float64)
         off = np.zeros((j1 - j0, d), dtype=np.float64)
@@ -100,50 +108,53 @@ class _Device:
             off += cent
         if self.centre:
             off -= cent
-        shift = self.rt.to_device(np.ascontiguousarray(b.centers[j0:j1], dtype=np.float32)) if self.centre \
+        shift = rt.to_device(np.ascontiguousarray(b.centers[j0:j1], dtype=np.float32)) if self.centre \
             else self.empty_off
-        return self.rt.to_device(np.ascontiguousarray(off, dtype=np.float32)), shift
+        return _Tables(list_lo, rt.to_device(np.ascontiguousarray(off, dtype=np.float32)), shift, self.empty_off)
 
 
-_F16: np.ndarray | None = None
+class _Tables(NamedTuple):
+    list_lo: object  # device (lists,) int64
+    off: object  # device (lists, d) float32, or a placeholder
+    shift: object
+    centers: object  # PQ: device (lists, d) float32
 
 
-def _f16_table() -> np.ndarray:
-    global _F16
-    if _F16 is None:
-        _F16 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
-    return _F16
+class _Keys(NamedTuple):
+    """A work chunk's key buffer, where each pair's keys start, and the pairs' queries (device)."""
+
+    buf: object
+    key0_d: object
+    queries_d: object
 
 
-def _keys_of_chunk(dev: _Device, chunk, g0: int, g1: int, plist: np.ndarray, plen: np.ndarray, offs):
-    """Run the distance kernel on pairs ``g0:g1`` of list chunk ``chunk``; returns the device
-    key buffer and the pairs' first key (host int64)."""
+def _keys_of_chunk(dev: _Device, chunk, g0: int, g1: int, plist: np.ndarray, plen: np.ndarray,
+                   tables: _Tables) -> _Keys:
+    """Run the distance kernel on pairs ``g0:g1`` of list chunk ``chunk``: the key buffer and
+    where each pair's keys start."""
     rt, b, c = dev.rt, dev.b, dev.codec
     lens = plen[g0:g1]
     key0 = np.zeros(g1 - g0, dtype=np.int64)
     np.cumsum(lens[:-1], out=key0[1:])
     total = int(lens.sum())
-    buf = rt.empty((max(total, 1),), np.float32)
+    keys = _Keys(rt.empty((max(total, 1),), np.float32), rt.to_device(key0), rt.to_device(b.group_queries[g0:g1]))
     if total == 0:
-        return buf, key0
+        return keys
     data_d, _, valid_d = chunk.arrays
     local = plist[g0:g1] - chunk.j0
-    queries = rt.to_device(b.group_queries[g0:g1].astype(np.int64))
-    lens_d, key0_d = rt.to_device(lens), rt.to_device(key0)
-    list_lo = rt.to_device(chunk.list_lo)
+    lens_d = rt.to_device(lens)
     is_ip = bool(b.is_ip)
     d = b.xq.shape[1]
     stream = rt.kernel_stream()
     if c.mode == "pq":
         M, K, _ = c.codebooks.shape
-        centers = rt.to_device(np.ascontiguousarray(b.centers[chunk.j0:chunk.j1], dtype=np.float32))
         shared = M * K <= dk.SHARED_LUT_FLOATS
         grid = max(1, min(g1 - g0, rt.max_grid if shared else min(rt.max_grid, 1024)))
         scratch = rt.empty((1, 1) if shared else (grid, M * K), np.float32)
         dk.pq_kernel(shared)[grid, rt.threads(128), stream, (M * K * 4) if shared else 0](
-            dev.xq, data_d, centers, dev.codebooks, list_lo, rt.to_device(local), queries, lens_d, key0_d,
-            valid_d, bool(c.by_residual), is_ip, scratch, buf)
-        return buf, key0
+            dev.xq, data_d, tables.centers, dev.codebooks, tables.list_lo, rt.to_device(local), keys.queries_d,
+            lens_d, keys.key0_d, valid_d, bool(c.by_residual), is_ip, scratch, keys.buf)
+        return keys
     # Flat / SQ tiles: up to TQ consecutive pairs of one list
     tq = rt.tile_pairs
     first_of_list = np.ones(g1 - g0, dtype=bool)
@@ -155,16 +166,15 @@ def _keys_of_chunk(dev: _Device, chunk, g0: int, g1: int, plist: np.ndarray, ple
     shared = tq * d <= dk.SHARED_LUT_FLOATS
     grid = max(1, min(len(tile_start), rt.max_grid if shared else min(rt.max_grid, 1024)))
     scratch = rt.empty((1, 1) if shared else (grid, tq * d), np.float32)
-    off, shift = offs
     dk.flat_kernel(mode, shared, tq)[grid, rt.threads(128), stream, (tq * d * 4) if shared else 0](
-        dev.xq, data_d, list_lo, rt.to_device(local[tile_start]), rt.to_device(tile_start.astype(np.int64)),
-        rt.to_device(tile_np.astype(np.int64)), queries, lens_d, key0_d, valid_d, dev.scale, off, dev.tab,
-        shift, dev.centre, is_ip, scratch, buf)
-    return buf, key0
+        dev.xq, data_d, tables.list_lo, rt.to_device(local[tile_start]), rt.to_device(tile_start.astype(np.int64)),
+        rt.to_device(tile_np.astype(np.int64)), keys.queries_d, lens_d, keys.key0_d, valid_d, dev.scale,
+        tables.off, dev.tab, tables.shift, dev.centre, is_ip, scratch, keys.buf)
+    return keys
 
 
 def _chunks(dev: _Device):
-    """(list chunk, its pairs g0:g1, per-list decoding offsets) of the batch, lists on the device."""
+    """(list chunk, its pairs g0:g1, its tables) of the batch, lists on the device."""
     b = dev.b
     nl = len(b.list_offsets) - 1
     probed = np.diff(b.group_offsets) > 0
@@ -172,8 +182,7 @@ def _chunks(dev: _Device):
     for chunk in list_chunks(dev.rt, [b.data, b.ids], transient, b.list_offsets, probed):
         if len(chunk.arrays) == 2:
             chunk.arrays.append(dev.rt.to_device(np.zeros(0, np.uint8)))  # all rows valid
-        j1 = min(chunk.j1, nl)
-        yield chunk, int(b.group_offsets[chunk.j0]), int(b.group_offsets[j1]), dev.offsets_of(chunk.j0, j1)
+        yield chunk, int(b.group_offsets[chunk.j0]), int(b.group_offsets[min(chunk.j1, nl)]), dev.tables_of(chunk)
 
 
 def knn_scan(rt, b: Batch, codec: Codec, k: int, D: np.ndarray, I: np.ndarray) -> None:
@@ -182,15 +191,15 @@ def knn_scan(rt, b: Batch, codec: Codec, k: int, D: np.ndarray, I: np.ndarray) -
     dev = _Device(rt, b, codec)
     plist, plen = _pair_lengths(b)
     cap = max(1, rt.work_budget() // 2 // 4)
-    for chunk, g0, g1, offs in _chunks(dev):
+    for chunk, g0, g1, tables in _chunks(dev):
         ids_d = chunk.arrays[1]
         for s, e in _work_chunks(g0, g1, plen, cap):
-            buf, key0 = _keys_of_chunk(dev, chunk, s, e, plist, plen, offs)
+            keys = _keys_of_chunk(dev, chunk, s, e, plist, plen, tables)
             n = e - s
             id0 = chunk.list_lo[plist[s:e] - chunk.j0]
             outD = rt.empty((n * k,), np.float32)
             outI = rt.empty((n * k,), np.int64)
-            select_segments(rt, buf, rt.to_device(key0), rt.to_device(plen[s:e]), ids_d, rt.to_device(id0),
+            select_segments(rt, keys.buf, keys.key0_d, rt.to_device(plen[s:e]), ids_d, rt.to_device(id0),
                             rt.to_device(np.arange(n, dtype=np.int64)), k, b.is_ip, outD, outI,
                             int(plen[s:e].max(initial=0)))
             q, slot = b.group_queries[s:e], b.group_slots[s:e]
@@ -207,22 +216,20 @@ def range_scan(rt, b: Batch, codec: Codec, radius: float):
     cap = max(1, rt.work_budget() // 2 // 4)
     thr = np.float32(-radius if b.is_ip else radius)
     qs, keys, ids = [], [], []
-    for chunk, g0, g1, offs in _chunks(dev):
+    for chunk, g0, g1, tables in _chunks(dev):
         ids_d = chunk.arrays[1]
         for s, e in _work_chunks(g0, g1, plen, cap):
-            buf, key0 = _keys_of_chunk(dev, chunk, s, e, plist, plen, offs)
+            kc = _keys_of_chunk(dev, chunk, s, e, plist, plen, tables)
             total = int(plen[s:e].sum())
             if total == 0:
                 continue
-            hit = xp.flatnonzero(buf[:total] < thr)  # NaN (filtered) compares False
+            hit = xp.flatnonzero(kc.buf[:total] < thr)  # NaN (filtered) compares False
             if int(hit.shape[0]) == 0:
                 continue
-            key0_d = rt.to_device(key0)
-            pair = xp.searchsorted(key0_d, hit, side="right") - 1
-            within = hit - key0_d[pair]
-            id0 = rt.to_device(chunk.list_lo[plist[s:e] - chunk.j0])
-            qs.append(rt.to_host(rt.to_device(b.group_queries[s:e].astype(np.int64))[pair]))
-            keys.append(rt.to_host(buf[hit]))
-            ids.append(rt.to_host(ids_d[id0[pair] + within]))
+            pair = xp.searchsorted(kc.key0_d, hit, side="right") - 1
+            row = tables.list_lo[rt.to_device(plist[s:e] - chunk.j0)[pair]] + hit - kc.key0_d[pair]
+            qs.append(rt.to_host(kc.queries_d[pair]))
+            keys.append(rt.to_host(kc.buf[hit]))
+            ids.append(rt.to_host(ids_d[row]))
     cat = lambda parts, dt: np.concatenate(parts).astype(dt, copy=False) if parts else np.zeros(0, dt)  # noqa: E731
     return cat(qs, np.int64), cat(keys, np.float32), cat(ids, np.int64)

@@ -64,6 +64,15 @@ import numba
 import numpy as np
 
 from distann.errors import ValidationError
+from distann.kernels._host import centre_of as _centre_of
+from distann.kernels._host import check_codes as _check_codes
+from distann.kernels._host import check_metric as _check_metric
+from distann.kernels._host import f16_table
+from distann.kernels._host import f32 as _f32
+from distann.kernels._host import i64 as _i64
+from distann.kernels._host import padded as _padded
+from distann.kernels._host import scan_outputs as _scan_outputs
+from distann.kernels._host import u8 as _u8
 from distann.kernels.numba_cpu._arith import _DIRECT_MAX_ROWS, _ROWS, _prepare_rows
 from distann.kernels.numba_cpu._assign import assign_accumulate, assign_labels
 from distann.kernels.numba_cpu._balancing import _plan_parts
@@ -76,7 +85,7 @@ from distann.kernels.numba_cpu._coarse_merge_exact import (
     _prepare_queries,
     _rerank_part,
 )
-from distann.kernels.numba_cpu._codecs import _pq_part, _sq_part, f16_table
+from distann.kernels.numba_cpu._codecs import _pq_part, _sq_part
 from distann.kernels.numba_cpu._lists import (
     _MODE_COUNT,
     _MODE_FILL,
@@ -85,10 +94,6 @@ from distann.kernels.numba_cpu._lists import (
     _range_sort_part,
     _run_part,
 )
-from distann.kernels._host import centre_of as _centre_of
-from distann.kernels._host import check_codes as _check_codes
-from distann.kernels._host import padded as _padded
-from distann.kernels._host import scan_outputs as _scan_outputs
 from distann.kernels.numba_cpu._threads import _parallel
 
 name = "numba"
@@ -104,27 +109,6 @@ def _nthreads() -> int:
     return max(1, int(numba.get_num_threads()))
 
 
-def _check_metric(metric: str) -> bool:
-    """Return True for "ip", False for "l2"; raise ValidationError otherwise."""
-    if metric != "l2" and metric != "ip":
-        raise ValidationError("metric", metric, "must be 'l2' or 'ip'")
-    return metric == "ip"
-
-
-def _f32(a: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(a, dtype=np.float32)
-
-
-def _i64(a: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(a, dtype=np.int64)
-
-
-def _u8(a: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(a, dtype=np.uint8)
-
-
-
-
 _NO_F32_1 = np.empty(0, dtype=np.float32)
 _NO_I64_1 = np.empty(0, dtype=np.int64)
 _NO_F32_3 = np.empty((0, 0, 0), dtype=np.float32)
@@ -132,15 +116,6 @@ _NO_I64_3 = np.empty((0, 0, 0), dtype=np.int64)
 _NO_F64_1 = np.empty(0, dtype=np.float64)
 _NO_U8_2 = np.empty((0, 0), dtype=np.uint8)
 _NO_U16_2 = np.empty((0, 0), dtype=np.uint16)
-_F16_TABLE: np.ndarray | None = None
-
-
-def _f16_table() -> np.ndarray:
-    """The fp16 decode table (``_codecs.f16_table``), built on first use."""
-    global _F16_TABLE
-    if _F16_TABLE is None:
-        _F16_TABLE = f16_table()
-    return _F16_TABLE
 
 
 def coarse_quantize(xq: np.ndarray, centroids: np.ndarray, nprobe: int,
@@ -237,7 +212,7 @@ def scan_lists_sq(xq: np.ndarray, codes: np.ndarray, ids: np.ndarray, list_offse
         scale = (vdiff64 / 255.0).astype(np.float32)
         base = vmin64 + 0.5 * (vdiff64 / 255.0)
     else:
-        codes8, codes16, tab = _NO_U8_2, np.ascontiguousarray(codes, dtype=np.uint16), _f16_table()
+        codes8, codes16, tab = _NO_U8_2, np.ascontiguousarray(codes, dtype=np.uint16), f16_table()
         _check_codes(codes16, d, "one fp16 bit pattern per component")
         scale, base = _NO_F32_1, _NO_F64_1
     ptr, items = _batch_parts(list_offsets, group_offsets, d)

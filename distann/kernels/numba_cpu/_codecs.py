@@ -45,11 +45,6 @@ M = 16: they stay in L2. More lanes gain little (the scan is bound by the scalar
 and their index arithmetic) and waste more on lists probed by few pairs."""
 
 
-def f16_table() -> np.ndarray:
-    """float32 value of every IEEE half-precision bit pattern (65536 entries, 256 KiB)."""
-    return np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
-
-
 # --------------------------------------------------------------------------------------------
 # Scalar quantizer
 # --------------------------------------------------------------------------------------------
