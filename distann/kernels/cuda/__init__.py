@@ -108,6 +108,26 @@ def _merge_pairs(rt, D1, I1, D2, I2, k: int, is_ip: bool):
     return _select_rows(rt, keys, I.reshape(-1), xp.arange(n, dtype=xp.int64) * w, k, is_ip, n, w)
 
 
+def _gemm_select(rt, Q, X, xn, ids, k: int, is_ip: bool):
+    """Top-``k`` rows of ``X`` for each row of ``Q`` (both centred on the same point for l2) by
+    one GEMM: keys ``||x||^2 - 2 <q, x>`` (l2; ``xn`` the rows' squared norms) or ``-<q, x>``
+    (ip), then selection. Returns (keys, ids) of shape (len(Q), k): l2 keys lack ``||q||^2``
+    (:func:`_distances_of`), ip keys are already the inner products."""
+    xp = rt.xp
+    S = xp.matmul(Q, X.T)
+    keys = xp.ascontiguousarray(-S if is_ip else xn[None, :] - 2 * S, dtype=xp.float32)
+    n = int(Q.shape[0])
+    return _select_rows(rt, keys, ids, xp.zeros(n, dtype=xp.int64), k, is_ip, n, int(X.shape[0]))
+
+
+def _distances_of(rt, Db, Ib, Q, is_ip: bool):
+    """l2: the selected keys plus ``||q||^2`` (clamped at 0; padding kept); ip: unchanged."""
+    if is_ip:
+        return Db
+    xp = rt.xp
+    return xp.where(Ib >= 0, xp.maximum(Db + (Q * Q).sum(axis=1)[:, None], 0), Db)
+
+
 def _block_rows(rt, width: int, per_entry: int = 12) -> int:
     """Rows of a (rows, width) score block within half the work budget."""
     return max(1, rt.work_budget() // 2 // max(1, width * per_entry))
@@ -127,21 +147,16 @@ def coarse_quantize(xq: np.ndarray, centroids: np.ndarray, nprobe: int,
         return D, I
     rt = runtime()
     xp = rt.xp
-    mu = np.zeros(xq.shape[1], np.float32) if is_ip else _centre_of(centroids)
-    C = _cached(rt, centroids) - rt.to_device(mu)
+    mu = rt.to_device(np.zeros(xq.shape[1], np.float32) if is_ip else _centre_of(centroids))
+    C = _cached(rt, centroids) - mu
     cn = (C * C).sum(axis=1)
     cids = xp.arange(nl, dtype=xp.int64)
     step = _block_rows(rt, nl)
     for s in range(0, nq, step):
         e = min(nq, s + step)
-        Q = rt.to_device(xq[s:e]) - rt.to_device(mu)
-        S = xp.matmul(Q, C.T)
-        keys = -S if is_ip else cn[None, :] - 2 * S
-        Db, Ib = _select_rows(rt, xp.ascontiguousarray(keys, dtype=xp.float32), cids,
-                              xp.zeros(e - s, dtype=xp.int64), nprobe, is_ip, e - s, nl)
-        if not is_ip:
-            Db = xp.where(Ib >= 0, xp.maximum(Db + (Q * Q).sum(axis=1)[:, None], 0), Db)
-        D[s:e], I[s:e] = rt.to_host(Db), rt.to_host(Ib)
+        Q = rt.to_device(xq[s:e]) - mu
+        Db, Ib = _gemm_select(rt, Q, C, cn, cids, nprobe, is_ip)
+        D[s:e], I[s:e] = rt.to_host(_distances_of(rt, Db, Ib, Q, is_ip)), rt.to_host(Ib)
     return D, I
 
 
@@ -157,7 +172,6 @@ def exact_knn(xq: np.ndarray, xb: np.ndarray, ids: np.ndarray, k: int,
     if nq == 0 or k <= 0 or N == 0:
         return D, I
     rt = runtime()
-    xp = rt.xp
     mu = rt.to_device(np.zeros(xq.shape[1], np.float32) if is_ip else _centre_of(xb))
     X = _cached(rt, xb) - mu
     xn = (X * X).sum(axis=1)
@@ -170,15 +184,10 @@ def exact_knn(xq: np.ndarray, xb: np.ndarray, ids: np.ndarray, k: int,
         best = None
         for a in range(0, N, xstep):
             b = min(N, a + xstep)
-            S = xp.matmul(Q, X[a:b].T)
-            keys = -S if is_ip else xn[None, a:b] - 2 * S
-            Db, Ib = _select_rows(rt, xp.ascontiguousarray(keys, dtype=xp.float32), ids_d[a:b],
-                                  xp.zeros(e - s, dtype=xp.int64), k, is_ip, e - s, b - a)
+            Db, Ib = _gemm_select(rt, Q, X[a:b], xn[a:b], ids_d[a:b], k, is_ip)
             best = (Db, Ib) if best is None else _merge_pairs(rt, *best, Db, Ib, k, is_ip)
         Db, Ib = best
-        if not is_ip:
-            Db = xp.where(Ib >= 0, xp.maximum(Db + (Q * Q).sum(axis=1)[:, None], 0), Db)
-        D[s:e], I[s:e] = rt.to_host(Db), rt.to_host(Ib)
+        D[s:e], I[s:e] = rt.to_host(_distances_of(rt, Db, Ib, Q, is_ip)), rt.to_host(Ib)
     return D, I
 
 
