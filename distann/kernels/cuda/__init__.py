@@ -191,13 +191,14 @@ def exact_knn(xq: np.ndarray, xb: np.ndarray, ids: np.ndarray, k: int,
     return D, I
 
 
-def _assign_blocks(rt, x: np.ndarray, centroids: np.ndarray, is_ip: bool):
+def _assign_blocks(rt, x: np.ndarray, centroids: np.ndarray, centroids_d, is_ip: bool):
     """(row range, device rows, labels) per block of ``x``: GEMM against the centred centroids
-    and ``argmin`` (first index on ties: the smaller centroid)."""
+    (``centroids_d``: their device copy) and ``argmin`` (first index on ties: the smaller
+    centroid)."""
     xp = rt.xp
     mu = np.zeros(x.shape[1], np.float32) if is_ip or len(centroids) == 0 else _centre_of(centroids)
     mu_d = rt.to_device(mu)
-    C = _cached(rt, centroids) - mu_d
+    C = centroids_d - mu_d
     cn = (C * C).sum(axis=1)
     step = _block_rows(rt, len(centroids), per_entry=8)
     for s in range(0, len(x), step):
@@ -220,7 +221,7 @@ def assign(x: np.ndarray, centroids: np.ndarray, metric: str) -> np.ndarray:
         labels[:] = -1
         return labels
     rt = runtime()
-    for s, e, _, lab in _assign_blocks(rt, x, centroids, is_ip):
+    for s, e, _, lab in _assign_blocks(rt, x, centroids, _cached(rt, centroids), is_ip):
         labels[s:e] = rt.to_host(lab)
     return labels
 
@@ -238,9 +239,10 @@ def kmeans_stats(x: np.ndarray, centroids: np.ndarray, metric: str) -> tuple[np.
     xp = rt.xp
     sums = rt.full((k, d), 0.0, np.float64)
     counts = rt.full((k,), 0, np.int64)
-    C64 = _cached(rt, centroids).astype(xp.float64)
+    C = _cached(rt, centroids)
+    C64 = C.astype(xp.float64)
     obj = 0.0
-    for _, _, X, lab in _assign_blocks(rt, x, centroids, is_ip):
+    for _, _, X, lab in _assign_blocks(rt, x, centroids, C, is_ip):
         X64 = X.astype(xp.float64)
         rt.scatter_add(sums, lab, X64)
         counts += xp.bincount(lab, minlength=k).astype(xp.int64)
