@@ -192,10 +192,10 @@ def check_backend(client, name, param: str = "backend") -> str:
     a client without a GPU may drive GPU workers, and a CPU worker must not be handed cuda
     work. The failing workers are named with the reason; there is no fallback to another
     backend. A cluster with no worker yet is not checked (its tasks wait for workers)."""
-    from distann.kernels import check_backend_name, resolve_backend
+    from distann.kernels import backend_status, check_backend_name, resolve_backend
 
     key = resolve_backend(None) if name is None else check_backend_name(name, param)
-    status = client.run(_backend_status, key)
+    status = client.run(backend_status, key)
     failed = {w: r for w, r in status.items() if r != "ok"}
     if failed:
         by_reason: dict[str, list[str]] = {}
@@ -208,13 +208,6 @@ def check_backend(client, name, param: str = "backend") -> str:
                               f"the {key} backend cannot run on {len(failed)} of {len(status)} worker(s) {what}; "
                               f"{hint}")
     return key
-
-
-def _backend_status(key: str) -> str:
-    """"ok" if this worker process can run kernel backend ``key``, else why not."""
-    from distann.kernels import backend_status
-
-    return backend_status(key)
 
 
 def _can_read(source) -> str:

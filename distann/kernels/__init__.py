@@ -84,10 +84,8 @@ def get_backend(name: str = "numba") -> ModuleType:
     "reference", "cuda" or its aliases "cupy" / "gpu"). Raises ``ValidationError`` naming the
     allowed values for an unknown name, and saying what is missing for "cuda" on a machine
     where it cannot run (never a silent fallback to the CPU)."""
-    key = _ALIASES.get(name, name) if isinstance(name, str) else name
-    if isinstance(key, str) and key in _REGISTRY:
-        reason = _unusable(key)
-        if reason is not None:
-            raise ValidationError("backend", name, f"the {key} backend cannot run here: {reason}")
-        return importlib.import_module(_REGISTRY[key])
-    raise ValidationError("backend", name, f"unknown backend; must be one of {_allowed()}")
+    key = check_backend_name(name)
+    reason = _unusable(key)
+    if reason is not None:
+        raise ValidationError("backend", name, f"the {key} backend cannot run here: {reason}")
+    return importlib.import_module(_REGISTRY[key])

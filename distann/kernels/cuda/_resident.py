@@ -45,7 +45,7 @@ class DeviceCache:
             del self._seen[key]
 
     def lookup(self, a: np.ndarray):
-        """The device copy of ``a`` if resident, else None (and ``a`` is remembered as seen)."""
+        """The device copy of ``a`` if resident, else None."""
         with self._lock:
             self._drop_dead()
             key = self._key(a)
