@@ -159,10 +159,6 @@ class Runtime:
             return _Null()
         return self.compute_stream
 
-    def synchronize(self) -> None:
-        if not self.simulated:
-            self.compute_stream.synchronize()
-
     def scatter_add(self, target, rows, values) -> None:
         """``target[rows] += values`` with repeated rows summed (``cupyx.scatter_add`` / ``np.add.at``)."""
         if self.simulated:
