@@ -171,7 +171,7 @@ def big_batch_search(index, queries, k: int | None = None, nprobe: int | None = 
                 ctx = JobContext(idx.loc, m, work, out_loc, fmt, mode, k, k_factor, radius, nprobe, max_codes,
                                  exclude_self, backend, ranges, exact)
                 t0 = time.perf_counter()
-                cf, pf = broadcast(c, idx.centroids), broadcast(c, codec)
+                cf, pf = broadcast(c, idx.quantizer), broadcast(c, codec)
                 sf = broadcast(c, idx.list_sizes)
                 got = wait_all([c.submit(bucket_chunk, ctx, ch, src, qids, cf, pf, sf, pure=False) for ch in chunks],
                                "bucket", progress)

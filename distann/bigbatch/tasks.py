@@ -72,7 +72,7 @@ def _read_ids(query_ids, start: int, stop: int) -> np.ndarray:
 
 # --------------------------------------------------------------------------- map side
 
-def bucket_chunk(ctx: JobContext, chunk: ChunkTask, queries, query_ids, centroids: np.ndarray,
+def bucket_chunk(ctx: JobContext, chunk: ChunkTask, queries, query_ids, quantizer,
                  codec: CodecPipeline, list_sizes: np.ndarray) -> dict:
     """Coarse-quantize query chunk ``chunk`` and write its queries bucketed by list range.
 
@@ -91,7 +91,7 @@ def bucket_chunk(ctx: JobContext, chunk: ChunkTask, queries, query_ids, centroid
     del x
     y = np.ascontiguousarray(codec.transform(x_raw), dtype=np.float32)
     kern = get_backend(ctx.backend)
-    _, probes = kern.coarse_quantize(y, centroids, ctx.nprobe, kernel_metric(ctx.manifest.metric))
+    _, probes = quantizer.search(y, ctx.nprobe, kernel_metric(ctx.manifest.metric), kern)
     probes = probes.astype(np.int64)
     sizes = list_sizes[probes]
     if ctx.max_codes is not None:  # Faiss semantics, as search.plan.plan_probes

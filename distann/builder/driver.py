@@ -43,9 +43,11 @@ from distann.store.readers import READERS_DIR, held_generations
 from distann.store.manifest import (FORMAT_VERSION, MANIFEST_PATH, Manifest, ShardEntry, manifest_exists,
                                     read_manifest, write_manifest)
 from distann.train.api import check_train_params, collect_sample
-from distann.train.codec import sample_size, train_pipeline
+from distann.codecs.coarse import TWO_LEVEL_NLIST, FlatQuantizer, load_quantizer
+from distann.train.codec import TwoLevel, sample_size, train_pipeline
 from distann.train.kmeans import MIN_POINTS_PER_CENTROID, TrainingWarning
-from distann.validation import check_bool, check_metric, check_positive_int
+from distann.train.two_level import DEFAULT_REFINE_NITER, check_two_level
+from distann.validation import check_bool, check_metric, check_nonnegative_int, check_positive_int
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,8 @@ def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2"
           max_points_per_centroid: int = 256, chunk_rows: int | None = None, shard_bytes: int | None = None,
           column: str | None = None, ids_column: str | None = None, storage_options: dict | None = None,
           workers: int | None = None, scheduler: str | None = None, progress: bool = False,
-          backend: str | None = None):
+          backend: str | None = None, two_level: bool | None = None, nlist1: int | None = None,
+          quantizer_nprobe: int | None = None, refine_niter: int = DEFAULT_REFINE_NITER):
     """Build an IVF index of ``source`` at ``index_url`` and return it opened.
 
     ``source``: URL (npy, fvecs/bvecs, zarr, parquet, directory or glob), a VectorSource or a
@@ -73,6 +76,13 @@ def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2"
     add stage's assignment on the workers ("numba", "numpy" or "cuda"; default the
     ``distann.kernels.backend`` setting); every worker is checked to be able to run it before
     any task is scheduled.
+
+    Large ``nlist`` (``docs/SCALE.md``): with ``two_level`` (default: from ``nlist`` >= 16384 on)
+    the coarse centroids come from a two-level k-means (``nlist1`` level-1 clusters, default
+    round(sqrt(nlist)), each split into fine centroids in parallel, then ``refine_niter`` Lloyd
+    iterations of all centroids), and vectors and queries are assigned by an inverted file over
+    the centroids that searches ``quantizer_nprobe`` (default 16) level-1 lists instead of
+    comparing with every centroid (``distann.codecs.coarse``).
 
     Only one build at a time may write an index URL: a second one fails with
     BuildConflictError while the first holds its lease (``docs/FORMAT.md``).
@@ -94,17 +104,21 @@ def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2"
     src = as_source(source, column=column, storage_options=storage_options)
     ids_src = resolve_ids(ids, ids_column, src, storage_options)
     if ispec.nlist > src.n:
-        raise ValidationError("spec", spec, f"nlist ({ispec.nlist}) must be at most the number of training "
-                                            f"vectors ({src.n})")
+        raise ValidationError("spec", spec, f"nlist ({ispec.nlist}) of at most the number of vectors in the "
+                                            f"source ({src.n}): k-means needs at least nlist training vectors "
+                                            f"(and {MIN_POINTS_PER_CENTROID} per list to train well, "
+                                            f"{MIN_POINTS_PER_CENTROID * ispec.nlist} here)")
     loc = Location(index_url, dict(storage_options or {}))
     _check_destination(loc, overwrite)
     committed = _committed_generation(loc, overwrite)
     codec = CodecPipeline.create(ispec, src.d, metric, seed)
     n_sample = sample_size(codec, src.n, ispec.nlist, max_points_per_centroid)
     _check_training_size(codec, n_sample)
+    levels = _check_levels(ispec.nlist, n_sample, two_level, nlist1, quantizer_nprobe, refine_niter)
     key = build_key(source=src.fingerprint, ids=getattr(ids_src, "fingerprint", None), spec=str(ispec),
                     metric=metric, niter=niter, seed=seed, init=init, mppc=max_points_per_centroid,
-                    chunk_rows=chunk_rows, shard_bytes=shard_bytes, format=FORMAT_VERSION)
+                    chunk_rows=chunk_rows, shard_bytes=shard_bytes, format=FORMAT_VERSION,
+                    **({"two_level": [levels.nlist1, levels.nprobe, levels.refine_niter]} if levels else {}))
     gen = layout.generation(committed + 1)
     if loc.list_dir(gen) and not loc.exists(layout.build_marker(gen)):
         raise IndexExistsError(f"{loc.url}: {gen}/ holds files distann did not write; move them away "
@@ -128,7 +142,7 @@ def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2"
             t0 = time.perf_counter()
             if resumed and loc.exists(layout.trained_marker(gen)):
                 trained = _load_trained(loc, gen)
-                codec, centroids = trained["codec"], trained["centroids"]
+                codec, centroids, coarse = trained["codec"], trained["centroids"], trained["quantizer"]
                 objective, mse = trained["objective"], trained["mse"]
                 log.info("resuming build %s: reusing the trained quantizer and codec", key)
             else:
@@ -139,15 +153,15 @@ def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2"
                 t0 = time.perf_counter()
                 if not resumed:
                     _start_generation(loc, gen, key)
-                km, mse = train_pipeline(c, codec, blocks, sizes, ispec.nlist, niter=niter, init=init, seed=seed,
-                                         progress=progress, backend=backend)
+                km, coarse, mse = train_pipeline(c, codec, blocks, sizes, ispec.nlist, niter=niter, init=init,
+                                                 seed=seed, progress=progress, backend=backend, two_level=levels)
                 del blocks
                 centroids, objective = km.centroids, km.objective
-                _save_trained(loc, gen, codec, centroids, objective, mse)
+                _save_trained(loc, gen, codec, coarse, objective, mse)
             timings["train_s"] = time.perf_counter() - t0
             # ---- add: shard over ids
             t0 = time.perf_counter()
-            cf = broadcast(c, centroids)
+            cf = broadcast(c, coarse)
             pf = broadcast(c, codec)
             adds = [c.submit(add_chunk, ctx, ch, src, ids_src, cf, pf, pure=False) for ch in chunks]
             wait_all(adds, "add", progress, gather=False)  # per-chunk counts are reduced on the workers
@@ -163,6 +177,12 @@ def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2"
         # ---- commit
         checksums = _codec_checksums(gen, codec)
         checksums[layout.centroids(gen)] = checksum([centroids])
+        quantizer_section = {}
+        if coarse.kind != "flat":
+            arrays = {name: layout.quantizer_array(gen, name) for name in coarse.arrays()}
+            quantizer_section = {**coarse.params(), "arrays": arrays}
+            for name, a in coarse.arrays().items():
+                checksums[arrays[name]] = checksum([np.ascontiguousarray(a)])
         checksums[layout.list_sizes(gen)] = write_small(loc.zarr_store(), layout.list_sizes(gen),
                                                         list_sizes.astype(np.int64))
         entries = []
@@ -176,11 +196,12 @@ def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2"
             generation=committed + 1, build_key=key, spec=str(ispec), metric=metric, d=src.d, nlist=ispec.nlist,
             ntotal=int(src.n), codec=codec_section, centroids=layout.centroids(gen),
             list_sizes=layout.list_sizes(gen), shards=tuple(entries), checksums=checksums,
+            quantizer=quantizer_section,
             build={"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "source": src.url,
                    "source_fingerprint": src.fingerprint, "ids": getattr(ids_src, "url", None),
                    "ids_column": getattr(ids_src, "column", None),
                    "niter": niter, "seed": seed, "init": init, "max_points_per_centroid": max_points_per_centroid,
-                   "n_sample": n_sample, "chunk_rows": chunk_rows, "shard_bytes": shard_bytes, "backend": backend,
+                   "n_sample": n_sample, "two_level": _levels_record(levels), "chunk_rows": chunk_rows, "shard_bytes": shard_bytes, "backend": backend,
                    "objective": objective, "resumed_chunks": int(skipped_chunks),
                    "resumed_shards": int(sum(m[2] for m in merged)),
                    "timings": {k: round(v, 3) for k, v in timings.items()}})
@@ -213,14 +234,17 @@ def _check_training_size(codec: CodecPipeline, n_sample: int) -> None:
                       stacklevel=3)
 
 
-def _save_trained(loc: Location, gen: str, codec: CodecPipeline, centroids: np.ndarray, objective: list,
+def _save_trained(loc: Location, gen: str, codec: CodecPipeline, coarse: FlatQuantizer, objective: list,
                   mse: float) -> None:
     """The trained coarse quantizer and codec, then their DONE marker (the resume point)."""
     store = loc.zarr_store()
-    write_small(store, layout.centroids(gen), centroids)
+    write_small(store, layout.centroids(gen), coarse.centroids)
+    for name, array in coarse.arrays().items():
+        write_small(store, layout.quantizer_array(gen, name), array)
     for name, array in codec.arrays().items():
         write_small(store, layout.codec_array(gen, name), array)
-    loc.write_json(layout.trained_marker(gen), {"objective": objective, "mse": mse, "codec": codec.params()})
+    loc.write_json(layout.trained_marker(gen), {"objective": objective, "mse": mse, "codec": codec.params(),
+                                                "quantizer": coarse.params()})
 
 
 def _load_trained(loc: Location, gen: str) -> dict:
@@ -228,7 +252,33 @@ def _load_trained(loc: Location, gen: str) -> dict:
     done = loc.read_json(layout.trained_marker(gen))
     codec = CodecPipeline.load(done["codec"], lambda name: StoredArray(store, layout.codec_array(gen, name)).read())
     centroids = StoredArray(store, layout.centroids(gen)).read()
-    return {"codec": codec, "centroids": centroids, "objective": done["objective"], "mse": done["mse"]}
+    coarse = load_quantizer(done.get("quantizer", {}), centroids,
+                            lambda name: StoredArray(store, layout.quantizer_array(gen, name)).read())
+    return {"codec": codec, "centroids": centroids, "quantizer": coarse, "objective": done["objective"],
+            "mse": done["mse"]}
+
+
+def _check_levels(nlist: int, n_sample: int, two_level: object, nlist1: object, quantizer_nprobe: object,
+                  refine_niter: object) -> TwoLevel | None:
+    """The two-level parameters of a build (None: one-level k-means, exact quantizer), checked."""
+    if two_level is not None:
+        check_bool("two_level", two_level)
+    use = nlist >= TWO_LEVEL_NLIST if two_level is None else two_level
+    refine_niter = check_nonnegative_int("refine_niter", refine_niter)
+    if not use:
+        for name, value in (("nlist1", nlist1), ("quantizer_nprobe", quantizer_nprobe)):
+            if value is not None:
+                raise ValidationError(name, value, f"None unless the build uses a two-level k-means (two_level=True, "
+                                                   f"or nlist >= {TWO_LEVEL_NLIST}; this build has nlist {nlist})")
+        return None
+    nlist1, nprobe = check_two_level(nlist, nlist1, n_sample, quantizer_nprobe)
+    return TwoLevel(nlist1, nprobe, refine_niter)
+
+
+def _levels_record(levels: TwoLevel | None) -> dict | None:
+    if levels is None:
+        return None
+    return {"nlist1": levels.nlist1, "quantizer_nprobe": levels.nprobe, "refine_niter": levels.refine_niter}
 
 
 def _codec_checksums(gen: str, codec: CodecPipeline) -> dict[str, str]:

@@ -15,12 +15,13 @@ import numpy as np
 
 from distann.builder.plan import ShardTask, list_order
 from distann.chunks import ChunkTask
+from distann.codecs.coarse import FlatQuantizer
 from distann.codecs.pipeline import CodecPipeline
+from distann.kernels import get_backend
 from distann.store import layout
 from distann.store.location import Location
 from distann.store.shards import write_shard
 from distann.store.staging import Staging
-from distann.train.kmeans import nearest
 
 
 class InjectedFault(RuntimeError):
@@ -48,9 +49,10 @@ class AddContext:
     backend: str = "numba"  # kernel backend of the assignment
 
 
-def add_chunk(ctx: AddContext, chunk: ChunkTask, source, ids_source, centroids: np.ndarray,
+def add_chunk(ctx: AddContext, chunk: ChunkTask, source, ids_source, quantizer: FlatQuantizer,
               codec: CodecPipeline) -> tuple[np.ndarray, bool]:
-    """Shard over ids: transform, assign, encode, sort by list and stage one row chunk.
+    """Shard over ids: transform, assign (by the coarse ``quantizer``), encode, sort by list and
+    stage one row chunk.
 
     Returns (per-list counts, skipped). Peak memory: about three copies of the chunk (four
     with RFlat's raw vectors).
@@ -62,9 +64,9 @@ def add_chunk(ctx: AddContext, chunk: ChunkTask, source, ids_source, centroids: 
     y = codec.transform(x_raw)
     ids = (np.arange(chunk.start, chunk.stop, dtype=np.int64) if ids_source is None
            else ids_source.read(chunk.start, chunk.stop))
-    assign = nearest(y, centroids, ctx.spherical, ctx.backend)
+    assign = quantizer.assign(y, "ip" if ctx.spherical else "l2", get_backend(ctx.backend))
     order, offsets = list_order(assign, ctx.nlist)
-    codes = codec.encode(y[order], assign[order], centroids, backend=ctx.backend)
+    codes = codec.encode(y[order], assign[order], quantizer.centroids, backend=ctx.backend)
     del y
     raw = x_raw[order] if ctx.raw_d else None
     staging.write(codes, ids[order], offsets, raw, after_codes=lambda: _maybe_fail("add", chunk.name))

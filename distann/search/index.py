@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from distann import config
+from distann.codecs.coarse import load_quantizer
 from distann.codecs.metric import kernel_metric
 from distann.codecs.pipeline import CodecPipeline
 from distann.errors import IndexFormatError, ValidationError
@@ -88,6 +89,19 @@ def read_codec(store: CheckedStore, manifest: Manifest, url: str) -> CodecPipeli
         raise IndexFormatError(f"{url}: the manifest names no codec array {exc}") from None
 
 
+def read_quantizer(store, manifest: Manifest, centroids: np.ndarray, url: str):
+    """The coarse quantizer of a committed index (``codecs.coarse``): exact unless the manifest
+    names another kind."""
+    section = manifest.quantizer
+    arrays = section.get("arrays", {})
+    try:
+        return load_quantizer(section, centroids, lambda name: StoredArray(store, arrays[name]).read())
+    except KeyError as exc:
+        raise IndexFormatError(f"{url}: the manifest names no quantizer array {exc}") from None
+    except ValueError as exc:
+        raise IndexFormatError(f"{url}: {exc} (corrupt index)") from None
+
+
 def raw_centers(codec: CodecPipeline, centers: np.ndarray) -> np.ndarray | None:
     """Coarse centroids mapped back to the original space (RFlat range search centres on them);
     None for other codecs."""
@@ -116,6 +130,7 @@ class Index:
         if self.centroids.shape != (manifest.nlist, self.codec.d_ivf) or self.list_sizes.shape != (manifest.nlist,) \
                 or int(self.list_sizes.sum()) != manifest.ntotal:
             raise IndexFormatError(f"{loc.url}: quantizer arrays do not match the manifest (corrupt index)")
+        self.quantizer = read_quantizer(self.store, manifest, self.centroids, loc.url)
         if cache_bytes is None:
             cache_bytes = config.get("search.cache-bytes")
         if cache_bytes == "auto":
@@ -146,6 +161,7 @@ class Index:
             "ntotal": self.ntotal, "format_version": self.manifest.format_version,
             "generation": self.manifest.generation, "shards": len(self.manifest.shards),
             "codec": {k: v for k, v in self.manifest.codec.items() if k != "arrays"},
+            "quantizer": self.quantizer.params(),
             "code_size": self.codec.code_size, "bytes_in_memory": self.lists.nbytes,
             "list_sizes": {"min": int(sizes.min()), "max": int(sizes.max()), "mean": float(mean),
                            "empty": int((sizes == 0).sum()),
@@ -279,7 +295,7 @@ class Index:
                 yield current
 
     def _coarse(self, kern, q: np.ndarray, nprobe: int, max_codes: int | None) -> ProbePlan:
-        _, probes = kern.coarse_quantize(q, self.centroids, nprobe, kernel_metric(self.metric))
+        _, probes = self.quantizer.search(q, nprobe, kernel_metric(self.metric), kern)
         return plan_probes(probes, self.list_sizes, max_codes)
 
     def search(self, xq, k: int | None = None, nprobe: int | None = None, *, max_codes: int | None = None,

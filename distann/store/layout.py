@@ -23,6 +23,11 @@ def centroids(gen: str) -> str:
     return f"{gen}/quantizer/centroids"
 
 
+def quantizer_array(gen: str, name: str) -> str:
+    """An array of the ``ivf`` coarse quantizer (``top``, ``members``, ``member_offsets``)."""
+    return f"{gen}/quantizer/{name}"
+
+
 def list_sizes(gen: str) -> str:
     return f"{gen}/quantizer/list_sizes"
 

@@ -52,6 +52,8 @@ class Manifest:
     shards: tuple[ShardEntry, ...]
     checksums: dict[str, str] = field(default_factory=dict)  # array path -> CRC-32 (quantizer, codec)
     build: dict[str, Any] = field(default_factory=dict)
+    # the coarse quantizer when it is not the exact one: {"kind": "ivf", "nlist1", "nprobe", "arrays"}
+    quantizer: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
 

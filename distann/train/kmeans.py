@@ -253,22 +253,29 @@ def train_on_blocks(client, blocks: list, sizes: np.ndarray, k: int, *, niter: i
     return KMeansResult(np.ascontiguousarray(centroids, dtype=np.float32), objective, counts, n, init, seed)
 
 
-def kmeans_local(x: np.ndarray, k: int, niter: int, seed, init: np.ndarray | None = None) -> np.ndarray:
-    """k-means of an in-memory sample in this process (codec training: PQ sub-spaces, OPQ):
-    ``init`` centroids or ``k`` distinct random rows, ``niter`` Lloyd iterations with the same
-    fused assignment as the distributed k-means, Faiss-style splitting of empty clusters. Needs
-    ``len(x) >= k``. Peak memory: one (2048 x k) score block and the (k, d) float64 sums."""
+def kmeans_local(x: np.ndarray, k: int, niter: int, seed, init: np.ndarray | None = None,
+                 spherical: bool = False, backend: str = "numba") -> np.ndarray:
+    """k-means of an in-memory sample in this process (codec training: PQ sub-spaces, OPQ; the
+    fine level of a two-level k-means): ``init`` centroids or ``k`` distinct random rows,
+    ``niter`` Lloyd iterations with the same fused assignment as the distributed k-means,
+    Faiss-style splitting of empty clusters, centroids normalized each iteration when
+    ``spherical``. Needs ``len(x) >= k``. Peak memory: one (2048 x k) score block and the
+    (k, d) float64 sums."""
     x = aligned(np.asarray(x, dtype=np.float32))
     rng = np.random.default_rng(seed)
     if init is not None:
         centroids = np.array(init, dtype=np.float32, order="C")
     else:
         centroids = np.ascontiguousarray(x[rng.choice(len(x), size=k, replace=False)], dtype=np.float32)
+    if spherical:
+        centroids = _normalize(centroids)
     for _ in range(niter):
-        sums, counts, _ = block_stats(x, centroids, False)
+        sums, counts, _ = block_stats(x, centroids, spherical, backend)
         nonempty = counts > 0
         centroids[nonempty] = (sums[nonempty] / counts[nonempty, None]).astype(np.float32)
         split_empty_clusters(centroids, counts, rng)
+        if spherical:
+            centroids = _normalize(centroids)
     return centroids
 
 
