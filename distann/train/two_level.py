@@ -48,11 +48,14 @@ def fine_counts(counts: np.ndarray, k: int) -> np.ndarray:
     n = int(counts.sum())
     if n < k:
         raise ValueError(f"fine_counts: {n} points for {k} centroids")
+    if k < np.count_nonzero(counts):
+        raise ValueError(f"fine_counts: {k} centroids for {np.count_nonzero(counts)} non-empty clusters")
     exact = counts * (k / n)
     ks = np.minimum(np.floor(exact).astype(np.int64), counts)
     ks[(counts > 0) & (ks == 0)] = 1
-    while ks.sum() > k:  # the minimum of one pushed the total over: take from the largest
-        ks[np.argmax(ks - exact)] -= 1
+    while ks.sum() > k:  # the minimum of one pushed the total over: take back from the clusters with
+        # the largest excess that keep at least one (there is one: k >= the non-empty clusters)
+        ks[np.argmax(np.where(ks > 1, ks - exact, -np.inf))] -= 1
     while ks.sum() < k:  # hand out the rest by largest remainder, where points remain
         room = np.where(ks < counts, exact - ks, -np.inf)
         ks[np.argmax(room)] += 1
