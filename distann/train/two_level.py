@@ -24,14 +24,15 @@ number ``blocks x groups`` (``docs/SCALE.md``).
 from __future__ import annotations
 
 import logging
+import warnings
 
 import numpy as np
 
 from distann.cluster import broadcast, tree_reduce
 from distann.codecs.coarse import DEFAULT_QUANTIZER_NPROBE, IVFQuantizer, level1_size
 from distann.errors import ValidationError
-from distann.train.kmeans import (KMeansResult, _normalize, add_stats, aligned, kmeans_local, nearest,
-                                  split_empty_clusters, train_on_blocks)
+from distann.train.kmeans import (MIN_POINTS_PER_CENTROID, KMeansResult, TrainingWarning, _normalize, add_stats,
+                                  aligned, kmeans_local, nearest, split_empty_clusters, train_on_blocks)
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +162,11 @@ def train_two_level(client, blocks: list, sizes: np.ndarray, k: int, *, niter: i
     kern = get_backend(backend)
     kmetric = "ip" if spherical else "l2"
     live = [(b, int(s)) for b, s in zip(blocks, sizes) if s > 0]
+    n = int(sizes.sum())
+    if n < MIN_POINTS_PER_CENTROID * k:  # as one-level k-means warns (its level 1 alone has plenty)
+        warnings.warn(f"two-level k-means: {n} training points for {k} centroids is fewer than "
+                      f"{MIN_POINTS_PER_CENTROID} per centroid; the centroids may be poor", TrainingWarning,
+                      stacklevel=3)
     level1 = train_on_blocks(client, blocks, sizes, nlist1, niter=niter, spherical=spherical, init=init,
                              seed=seed, progress=progress, backend=backend)
     top = level1.centroids
