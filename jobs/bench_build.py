@@ -125,11 +125,11 @@ def main(argv: list[str] | None = None) -> int:
                  f"Idle cluster (client process with scheduler and nannies + {args.workers} worker processes) before "
                  f"the build: {rows[-1]['distann']['idle_cluster_rss_bytes'] / 2**20:,.0f} MiB RSS.")
     lines.append("")
-    lines.append("| n | distann scan / train / add / merge (s) | faiss train / add (s) |")
+    lines.append("| n | distann sample / train / add / merge (s) | faiss train / add (s) |")
     lines.append("|---|---|---|")
     for r in rows:
         t, f = r["distann"]["timings"], r["faiss"]
-        lines.append(f"| {r['n']:,} | {t.get('scan_s', 0):.1f} / {t['train_s']:.1f} / "
+        lines.append(f"| {r['n']:,} | {t.get('sample_s', 0):.1f} / {t['train_s']:.1f} / "
                      f"{t['add_s']:.1f} / {t['merge_s']:.1f} | {f['train_seconds']:.1f} / {f['add_seconds']:.1f} |")
     with open(os.path.join(args.out, "build.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -50,6 +50,41 @@ def test_nan_and_inf_reported_with_count_and_first_row(client, committed):
     _unchanged(committed)
 
 
+def test_nan_outside_the_training_sample_is_caught_by_the_add_pass(client, committed, tmp_path):
+    """The build reads only the sample's rows before training; a NaN in a row outside the sample
+    is found by the add pass, which stops the build before any merge or commit. Fixing the row
+    and rerunning at the failed build's URL then completes."""
+    from distann.train.sampling import chunk_sample_rows, plan_sample
+
+    root = committed[0]
+    xb, _ = dataset(N, D)
+    # IVF8 with 39 points per centroid samples 312 of the 3000 rows: pick a row it leaves out
+    counts = plan_sample(np.array([1000, 1000, 1000]), 8 * 39, 1234)
+    sampled = np.concatenate([1000 * i + chunk_sample_rows(1000, int(c), 1234, i) for i, c in enumerate(counts)])
+    row = int(np.setdiff1d(np.arange(1500, N), sampled)[0])
+    xb[row, 5] = np.nan
+    with pytest.raises(ValidationError, match=rf"source: received '1 NaN/Inf value\(s\), first in row {row}'"):
+        _build(committed, xb, client=client, max_points_per_centroid=39)
+    _unchanged(committed)
+    url = str(tmp_path / "fresh.zarr")
+    with pytest.raises(ValidationError, match=rf"first in row {row}"):
+        distann.build(xb, url, spec="IVF8,Flat", niter=2, chunk_rows=1000, client=client, max_points_per_centroid=39)
+    assert not (tmp_path / "fresh.zarr" / "manifest.json").exists()
+    xb[row, 5] = 0.0
+    index = distann.build(xb, url, spec="IVF8,Flat", niter=2, chunk_rows=1000, client=client,
+                          max_points_per_centroid=39)
+    assert index.ntotal == N
+
+
+def test_nan_in_the_training_sample_counts_every_bad_value(client, committed):
+    root = committed[0]
+    xb, _ = dataset(N, D)
+    xb[:, 7] = np.inf  # every row: the sample holds some, the message counts all 3000
+    with pytest.raises(ValidationError, match=r"source: received '3000 NaN/Inf value\(s\), first in row 0'"):
+        _build(committed, xb, client=client, max_points_per_centroid=39)
+    _unchanged(committed)
+
+
 @pytest.mark.parametrize("source, match", [
     (np.zeros(10, np.float32), r"source.*shape \(10,\)"),
     (np.zeros((10, 4), dtype=bool), r"source.*bool"),

@@ -56,6 +56,14 @@ def _check_source(src: VectorSource, x: np.ndarray, chunk_rows: int = 8) -> None
         assert got.dtype == np.float32 and got.shape == (b - a, d)
         assert got.flags.c_contiguous and got.flags.writeable
         np.testing.assert_array_equal(got, want[a:b])
+    # read_rows_at (the build's training sample): scattered rows, runs, both ends, none, all
+    rng = np.random.default_rng(n)
+    for rows in (np.sort(rng.choice(n, size=max(1, n // 3), replace=False)), np.array([0, 1, 2, n - 1]),
+                 np.array([n - 1]), np.arange(n), np.empty(0, np.int64)):
+        rows = np.unique(rows[(rows >= 0) & (rows < n)])
+        got = src.read_rows_at(rows)
+        assert got.dtype == np.float32 and got.shape == (len(rows), d)
+        np.testing.assert_array_equal(got, want[rows])
     arr = src.to_dask(chunk_rows)
     assert arr.dtype == np.float32 and arr.shape == (n, d) and arr.chunks[0][0] == min(chunk_rows, n)
     np.testing.assert_array_equal(arr.compute(scheduler="sync"), want)

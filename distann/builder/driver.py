@@ -3,8 +3,9 @@
 Stages, each resumable (a rerun of the same build skips what has a done marker)::
 
     validate (no task) -> lease the next generation -> check the workers reach the data
-    -> scan + sample (read-only tasks: NaN/Inf, id checks)
-    -> train (distributed k-means) -> add (shard over ids, staging) -> merge (shard over lists)
+    -> sample (read-only tasks reading only the training sample's rows; id checks)
+    -> train (distributed k-means) -> add (shard over ids, staging; every row checked for NaN/Inf,
+       a bad row stops the build before any merge) -> merge (shard over lists)
     -> commit (one atomic manifest write) -> clean up staging and the previous generation
 
 Everything a build writes lives under a fresh generation folder ``g<N>/``, which the build owns
@@ -43,6 +44,7 @@ from distann.store.readers import READERS_DIR, held_generations
 from distann.store.manifest import (FORMAT_VERSION, MANIFEST_PATH, Manifest, ShardEntry, manifest_exists,
                                     read_manifest, write_manifest)
 from distann.train.api import check_train_params, collect_sample
+from distann.train.sampling import ChunkScan, raise_if_nonfinite
 from distann.codecs.coarse import TWO_LEVEL_NLIST, FlatQuantizer, load_quantizer
 from distann.train.codec import TwoLevel, sample_size, train_pipeline
 from distann.train.kmeans import MIN_POINTS_PER_CENTROID, TrainingWarning
@@ -53,7 +55,9 @@ log = logging.getLogger(__name__)
 
 
 def _add_counts(a, b):
-    return a[0] + b[0], a[1] + b[1]
+    """Reduce add results: list sizes, skipped chunks, NaN/Inf values, first bad row."""
+    firsts = [f for f in (a[3], b[3]) if f >= 0]
+    return a[0] + b[0], a[1] + b[1], a[2] + b[2], min(firsts) if firsts else -1
 
 
 def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2", ids=None, client=None, *,
@@ -104,10 +108,10 @@ def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2"
     src = as_source(source, column=column, storage_options=storage_options)
     ids_src = resolve_ids(ids, ids_column, src, storage_options)
     if ispec.nlist > src.n:
-        raise ValidationError("spec", spec, f"nlist ({ispec.nlist}) of at most the number of vectors in the "
-                                            f"source ({src.n}): k-means needs at least nlist training vectors "
-                                            f"(and {MIN_POINTS_PER_CENTROID} per list to train well, "
-                                            f"{MIN_POINTS_PER_CENTROID * ispec.nlist} here)")
+        raise ValidationError("spec", spec, f"nlist ({ispec.nlist}) must be at most the number of training "
+                                            f"vectors ({src.n}): the minimum training size of k-means is nlist "
+                                            f"vectors ({MIN_POINTS_PER_CENTROID} per list, "
+                                            f"{MIN_POINTS_PER_CENTROID * ispec.nlist} here, to train well)")
     loc = Location(index_url, dict(storage_options or {}))
     _check_destination(loc, overwrite)
     committed = _committed_generation(loc, overwrite)
@@ -146,10 +150,11 @@ def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2"
                 objective, mse = trained["objective"], trained["mse"]
                 log.info("resuming build %s: reusing the trained quantizer and codec", key)
             else:
-                blocks, sizes, _ = collect_sample(c, src, chunks, n_sample, seed, metric == "cosine", progress)
+                blocks, sizes, _ = collect_sample(c, src, chunks, n_sample, seed, metric == "cosine", progress,
+                                                  full_scan=False)
                 if ids_src is not None:
                     _check_ids(c, ids_src, chunks, progress)
-                timings["scan_s"] = time.perf_counter() - t0
+                timings["sample_s"] = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 if not resumed:
                     _start_generation(loc, gen, key)
@@ -165,9 +170,11 @@ def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2"
             pf = broadcast(c, codec)
             adds = [c.submit(add_chunk, ctx, ch, src, ids_src, cf, pf, pure=False) for ch in chunks]
             wait_all(adds, "add", progress, gather=False)  # per-chunk counts are reduced on the workers
-            list_sizes, skipped_chunks = tree_reduce(
-                c, [c.submit(_as_pair, f, pure=False) for f in adds], _add_counts).result()
+            list_sizes, skipped_chunks, nonfinite, first_bad = tree_reduce(
+                c, [c.submit(_as_counts, f, pure=False) for f in adds], _add_counts).result()
             del adds
+            if nonfinite:  # nothing is merged or committed: the committed index stays as it was
+                raise_if_nonfinite([ChunkScan(0, nonfinite, first_bad)])
             timings["add_s"] = time.perf_counter() - t0
             # ---- merge: shard over lists
             t0 = time.perf_counter()
@@ -285,9 +292,9 @@ def _codec_checksums(gen: str, codec: CodecPipeline) -> dict[str, str]:
     return {layout.codec_array(gen, name): checksum([np.ascontiguousarray(a)]) for name, a in codec.arrays().items()}
 
 
-def _as_pair(result) -> tuple[np.ndarray, int]:
-    counts, skipped = result
-    return counts.astype(np.int64), int(skipped)
+def _as_counts(result) -> tuple[np.ndarray, int, int, int]:
+    counts, skipped, nonfinite, first_bad = result
+    return counts.astype(np.int64), int(skipped), int(nonfinite), int(first_bad)
 
 
 def _committed_generation(loc: Location, overwrite: bool) -> int:

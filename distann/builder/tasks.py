@@ -50,17 +50,24 @@ class AddContext:
 
 
 def add_chunk(ctx: AddContext, chunk: ChunkTask, source, ids_source, quantizer: FlatQuantizer,
-              codec: CodecPipeline) -> tuple[np.ndarray, bool]:
-    """Shard over ids: transform, assign (by the coarse ``quantizer``), encode, sort by list and
-    stage one row chunk.
+              codec: CodecPipeline) -> tuple[np.ndarray, bool, int, int]:
+    """Shard over ids: check, transform, assign (by the coarse ``quantizer``), encode, sort by
+    list and stage one row chunk.
 
-    Returns (per-list counts, skipped). Peak memory: about three copies of the chunk (four
-    with RFlat's raw vectors).
+    Returns (per-list counts, skipped, NaN/Inf values, first row holding one or -1). A chunk
+    holding NaN or Inf writes nothing: the driver reports it before any merge or commit.
+    Peak memory: about three copies of the chunk (four with RFlat's raw vectors).
     """
     staging = Staging(ctx.loc, ctx.gen, chunk.name)
     if staging.done():
-        return np.diff(staging.offsets()), True
-    x_raw = codec.raw(source.read_rows(chunk.start, chunk.stop))
+        return np.diff(staging.offsets()), True, 0, -1
+    x = source.read_rows(chunk.start, chunk.stop)
+    if not np.isfinite(np.add.reduce(x, axis=None, dtype=np.float64)):  # one pass; float64 cannot overflow
+        bad = ~np.isfinite(x)
+        return (np.zeros(ctx.nlist, dtype=np.int64), False, int(bad.sum()),
+                chunk.start + int(np.flatnonzero(bad.any(axis=1))[0]))
+    x_raw = codec.raw(x)
+    del x
     y = codec.transform(x_raw)
     ids = (np.arange(chunk.start, chunk.stop, dtype=np.int64) if ids_source is None
            else ids_source.read(chunk.start, chunk.stop))
@@ -70,7 +77,7 @@ def add_chunk(ctx: AddContext, chunk: ChunkTask, source, ids_source, quantizer: 
     del y
     raw = x_raw[order] if ctx.raw_d else None
     staging.write(codes, ids[order], offsets, raw, after_codes=lambda: _maybe_fail("add", chunk.name))
-    return np.diff(offsets), False
+    return np.diff(offsets), False, 0, -1
 
 
 def merge_shard(ctx: AddContext, shard: ShardTask, chunks: tuple[ChunkTask, ...]) -> tuple[int, str, bool]:

@@ -181,6 +181,49 @@ class _FileSetRows:
     def _read_file(self, fs: Any, entry: FileEntry, meta: Any, lo: int, hi: int, out: np.ndarray) -> None:
         raise NotImplementedError
 
+    def _row_layout(self, meta: Any) -> tuple[int, int, int, np.dtype] | None:
+        """(file offset of row 0, bytes per row, offset of the values in a row, value dtype) of
+        formats whose rows have a fixed size, or None."""
+        return None
+
+    def _read_rows_at(self, rows: np.ndarray, out: np.ndarray) -> None:
+        """Only the rows asked for: local files are memory-mapped (only the pages holding those
+        rows are read), others read by ranged requests, rows closer than 1 MiB in one request."""
+        from fsspec.implementations.local import LocalFileSystem
+
+        files = self._files
+        if self._row_layout(files.metas[0]) is None:
+            super()._read_rows_at(rows, out)  # type: ignore[misc]
+            return
+        bounds = np.searchsorted(rows, files.offsets)
+        for i in range(len(files.entries)):
+            a, b = int(bounds[i]), int(bounds[i + 1])
+            if a == b:
+                continue
+            base, stride, skip, dtype = self._row_layout(files.metas[i])
+            local = rows[a:b] - files.offsets[i]
+            width = out.shape[1] * dtype.itemsize
+            path = files.entries[i].path
+            nrows = int(files.offsets[i + 1] - files.offsets[i])
+            if base + nrows * stride > files.entries[i].size:
+                raise ValidationError("source", self.url, f"file {path} is shorter than its header says")
+            if isinstance(files.fs, LocalFileSystem):
+                table = np.memmap(path, dtype=np.uint8, mode="r", offset=base, shape=(nrows, stride))
+                out[a:b] = table[local, skip:skip + width].view(dtype)
+                del table
+                continue
+            gap = max(1, (1 << 20) // stride)
+            cuts = np.flatnonzero(np.diff(local) > gap) + 1
+            starts, stops = np.concatenate([[0], cuts]), np.concatenate([cuts, [len(local)]])
+            first, last = local[starts], local[stops - 1] + 1
+            blobs = files.fs.cat_ranges([path] * len(starts), (base + first * stride).tolist(),
+                                        (base + last * stride).tolist())
+            for s, e, lo, hi, blob in zip(starts, stops, first, last, blobs):
+                if len(blob) != (hi - lo) * stride:
+                    raise ValidationError("source", self.url, f"file {path} ended early at row {lo}")
+                table = np.frombuffer(blob, dtype=np.uint8).reshape(hi - lo, stride)
+                out[a + s:a + e] = table[local[s:e] - lo, skip:skip + width].view(dtype)
+
     def _task_source(self, start: int, stop: int):
         sub = copy.copy(self)
         sub._files, offset = self._files.subset(start, stop)

@@ -37,6 +37,9 @@ logger = logging.getLogger(__name__)
 _STAMP_KEYS = ("ETag", "etag", "generation", "md5Hash", "mtime", "LastModified", "last_modified", "updated")
 
 
+_SPAN_ROWS = 65536  # rows read at once by the default ``read_rows_at``
+
+
 class _RowSource(ABC):
     """What vector and id sources share: rows read by range into a fresh array, and the
     identity Dask uses to name their tasks."""
@@ -89,6 +92,29 @@ class VectorSource(_RowSource):
     def read_rows(self, start: int, stop: int) -> np.ndarray:
         """Rows ``[start, stop)`` as a new float32 C-contiguous (stop - start, d) array."""
         return self._read_new(start, stop, (self.d,), np.float32)
+
+    def read_rows_at(self, rows: np.ndarray) -> np.ndarray:
+        """Rows ``rows`` (ascending global row numbers) as a new float32 (len(rows), d) array.
+
+        Formats with fixed-size rows in files (npy, fvecs/bvecs) and in-memory arrays read only
+        those rows (the build's training sample costs a fraction of a pass over the data);
+        others read the range the rows span, 65,536 rows at a time, and keep the rows asked for.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), self.d), dtype=np.float32)
+        if len(rows):
+            check_range(int(rows[0]), int(rows[-1]) + 1, self.n)
+            self._read_rows_at(rows, out)
+        return out
+
+    def _read_rows_at(self, rows: np.ndarray, out: np.ndarray) -> None:
+        pos = 0
+        while pos < len(rows):
+            lo = int(rows[pos])
+            end = int(np.searchsorted(rows, lo + _SPAN_ROWS, side="left"))
+            span = self.read_rows(lo, int(rows[end - 1]) + 1)
+            out[pos:end] = span[rows[pos:end] - lo]
+            pos = end
 
     def ids_from_column(self, column: str) -> IdSource:
         """The ids stored beside the vectors, in ``column`` of the same files (Parquet) or group (Zarr)."""

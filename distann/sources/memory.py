@@ -85,6 +85,9 @@ class ArraySource(VectorSource):
     def _read_into(self, start: int, stop: int, out: np.ndarray) -> None:
         out[...] = self._x[start:stop]
 
+    def _read_rows_at(self, rows: np.ndarray, out: np.ndarray) -> None:
+        out[...] = self._x[rows]
+
     def _token(self) -> tuple[Any, ...]:
         return (type(self).__name__, self.fingerprint)
 

@@ -116,6 +116,10 @@ class NpySource(FileSetVectorSource):
         data = read_range(fs, entry.path, meta.offset + lo * row, meta.offset + hi * row, "source", self.url)
         out[...] = np.frombuffer(data, dtype=meta.dtype).reshape(hi - lo, self.d)
 
+    def _row_layout(self, meta: NpyHeader):
+        row = self.d * meta.dtype.itemsize
+        return meta.offset, row, 0, meta.dtype
+
 
 class NpyIdSource(FileSetIdSource):
     """Ids from one or more .npy files of an integer dtype, shape (n,) or (n, 1)."""

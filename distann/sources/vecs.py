@@ -110,6 +110,9 @@ class VecsSource(FileSetVectorSource):
         data = read_range(fs, entry.path, lo * rec, hi * rec, "source", self.url)
         out[...] = _decode(data, meta, hi - lo, entry.path, lo, self.url)
 
+    def _row_layout(self, meta: VecsMeta):
+        return 0, meta.record, 4, meta.dtype
+
 
 def open_vectors(req: OpenRequest) -> VecsSource:
     """A :class:`VecsSource` over ``req.entries`` (all with the same d and value type)."""

@@ -14,7 +14,7 @@ from distann.errors import ValidationError
 from distann.kernels import resolve_backend
 from distann.train.kmeans import KMeansResult, train_on_blocks
 from distann.validation import INITS, check_choice, check_metric, check_positive_int, is_int
-from distann.train.sampling import ChunkScan, plan_sample, raise_if_nonfinite, scan_chunk
+from distann.train.sampling import ChunkScan, plan_sample, raise_if_nonfinite, sample_rows, scan_chunk
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +30,17 @@ def check_train_params(niter: object, init: object, seed: object, max_points_per
 
 
 def collect_sample(client, source, chunks, n_sample: int, seed: int, normalize: bool,
-                   progress: bool) -> tuple[list, np.ndarray, list[ChunkScan]]:
-    """First pass: check every value is finite and leave a uniform sample on the workers.
+                   progress: bool, full_scan: bool = True) -> tuple[list, np.ndarray, list[ChunkScan]]:
+    """Leave a uniform sample on the workers; with ``full_scan`` also check that every value of
+    the source is finite (a pass over all of it), otherwise only the sample's values (the build
+    checks the rest in its add pass). The sample is the same either way.
 
-    Returns (sample block futures, block sizes, per-chunk scans). Raises ValidationError on
-    NaN/Inf before anything is written.
+    Returns (sample block futures, block sizes, scans). Raises ValidationError on NaN/Inf
+    before anything is written (counting every NaN/Inf of the source when the sample holds one).
     """
     sizes = plan_sample(np.array([c.size for c in chunks], dtype=np.int64), n_sample, seed)
+    if not full_scan:
+        return _read_sample(client, source, chunks, sizes, seed, normalize, progress)
     futs = [client.submit(scan_chunk, source, c, int(size), seed, normalize, pure=False)
             for c, size in zip(chunks, sizes)]
     # only the small per-chunk scans travel to the client; the sample stays on the workers
@@ -54,6 +58,29 @@ def collect_sample(client, source, chunks, n_sample: int, seed: int, normalize: 
             block_sizes.append(acc)
             group, acc = [], 0
     return blocks, np.array(block_sizes, dtype=np.int64), scans
+
+
+def _read_sample(client, source, chunks, sizes: np.ndarray, seed: int, normalize: bool, progress: bool):
+    """One task per run of consecutive chunks holding about ``_SAMPLE_BLOCK`` sample rows reads
+    only those rows: the sample blocks, as the full scan would leave them, without the pass."""
+    groups, group, acc = [], [], 0
+    for i, size in enumerate(sizes):
+        if size:
+            group.append(i)
+            acc += int(size)
+        if group and (acc >= _SAMPLE_BLOCK or i == len(sizes) - 1):
+            groups.append((group, acc))
+            group, acc = [], 0
+    futs = [client.submit(sample_rows, source, [chunks[i] for i in g], sizes[g], seed, normalize, pure=False)
+            for g, _ in groups]
+    scans = wait_all([client.submit(operator.getitem, f, 0, pure=False) for f in futs], "sample", progress)
+    if any(s.nonfinite for s in scans):  # count every bad value of the source for the message
+        del futs
+        full = [client.submit(scan_chunk, source, c, 0, seed, False, pure=False) for c in chunks]
+        raise_if_nonfinite(wait_all([client.submit(operator.getitem, f, 0, pure=False) for f in full], "scan",
+                                    progress))
+    blocks = [client.submit(operator.getitem, f, 1, pure=False) for f in futs]
+    return blocks, np.array([a for _, a in groups], dtype=np.int64), scans
 
 
 def _concat(*parts: np.ndarray) -> np.ndarray:

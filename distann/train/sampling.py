@@ -1,10 +1,15 @@
-"""The first pass over a source: a finiteness check and an unbiased training sample, fused.
+"""The training sample of a source: unbiased, seeded, left on the workers.
 
-One task per row chunk reads its rows once, counts non-finite values (so a NaN anywhere is
-reported before anything is trained or written) and keeps its share of a seeded uniform
-sample: the client draws how many rows each chunk gives (a multivariate hypergeometric split,
-O(chunks)), and each task draws which of its rows. The sample blocks stay on the workers as futures: the
-training sample never has to fit on the client.
+The client draws how many rows each row chunk gives (a multivariate hypergeometric split,
+O(chunks)), and the task that reads a chunk draws which of its rows: the union is a uniform
+sample without replacement, and nothing of size O(sample) is shipped to a task. Two ways:
+
+* :func:`sample_rows` (the build): one task per run of consecutive chunks reads only that run's
+  sample rows (``VectorSource.read_rows_at``: a fraction of a pass over npy/vecs files). Only the
+  sample is checked for NaN/Inf here; the build's add pass checks every row.
+* :func:`scan_chunk` (``distann.kmeans``, and the build's full check when the sample holds a
+  NaN): one task per chunk reads every row once, counts non-finite values and keeps its share
+  of the sample.
 """
 
 from __future__ import annotations
@@ -61,6 +66,19 @@ def scan_chunk(source, chunk, count: int, seed: int, normalize: bool):
     if normalize and nbad == 0:
         block = normalize_rows(block)
     return ChunkScan(chunk.start, nbad, first), block
+
+
+def sample_rows(source, chunks, counts: np.ndarray, seed: int, normalize: bool):
+    """The sample rows of consecutive ``chunks`` (``counts[i]`` of chunk i), read in one call:
+    (ChunkScan of the sample rows, block). ``first_bad_row`` is a global row."""
+    rows = np.concatenate([c.start + chunk_sample_rows(c.size, int(k), seed, c.index) for c, k in zip(chunks, counts)])
+    block = source.read_rows_at(rows)
+    bad = ~np.isfinite(block)
+    nbad = int(bad.sum())
+    first = int(rows[np.flatnonzero(bad.any(axis=1))[0]]) if nbad else -1
+    if normalize and nbad == 0:
+        block = normalize_rows(block)
+    return ChunkScan(int(chunks[0].start), nbad, first), block
 
 
 def raise_if_nonfinite(scans: list[ChunkScan], param: str = "source") -> None:
