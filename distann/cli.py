@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(p, "--chunk-rows", "build", "chunk_rows", type=int, metavar="N")
     _opt(p, "--shard-bytes", "build", "shard_bytes", type=int, metavar="N")
     _opt(p, "--backend", "build", "backend", metavar="NAME")
+    _opt(p, "--two-level", "build", "two_level", action=argparse.BooleanOptionalAction)
+    _opt(p, "--nlist1", "build", "nlist1", type=int, metavar="N")
+    _opt(p, "--quantizer-nprobe", "build", "quantizer_nprobe", type=int, metavar="P")
+    _opt(p, "--refine-niter", "build", "refine_niter", type=int, metavar="N")
 
     p = sub.add_parser("search", parents=[common], help="search an index, write D and I to an .npz")
     p.add_argument("index", nargs="?", help="URL of the index (or `index` in the config)")
@@ -264,7 +268,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
         max_points_per_centroid=job.max_points_per_centroid, chunk_rows=job.chunk_rows,
         shard_bytes=job.shard_bytes, column=job.column, ids_column=job.ids_column,
         storage_options=job.storage_options, workers=job.workers, scheduler=job.scheduler,
-        progress=_progress(args), backend=job.backend)
+        progress=_progress(args), backend=job.backend, two_level=job.two_level, nlist1=job.nlist1,
+        quantizer_nprobe=job.quantizer_nprobe, refine_niter=job.refine_niter)
     return 0
 
 
@@ -623,7 +628,7 @@ _CLI_NAMES = {"index_url": "INDEX", "url": "INDEX", "xq": "QUERIES"}
 
 def _cli_error(exc: DistannError, command: str) -> DistannError:
     """``exc`` naming the command line's spelling of an API parameter (``--ids-column``, not ``ids_column``)."""
-    if not isinstance(exc, ValidationError) or not re.fullmatch(r"[a-z_]+", exc.param):
+    if not isinstance(exc, ValidationError) or not re.fullmatch(r"[a-z][a-z0-9_]*", exc.param):
         return exc
     name = _CLI_NAMES.get(exc.param)
     if name is None:

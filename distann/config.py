@@ -245,6 +245,16 @@ class BuildJob:
                                  _optional(_positive), None)
     backend: str | None = _f(_BACKEND + "; runs the k-means and the add stage's assignment on the workers, "
                              "each checked before any task", _optional(_backend), None)
+    two_level: bool | None = _f("large nlist (docs/SCALE.md): train the coarse centroids by a two-level k-means and "
+                                "assign vectors and queries through an inverted file over them (true or false; "
+                                "default: two-level from nlist >= 16384 on)", _optional(_flag), None)
+    nlist1: int | None = _f("two-level builds: level-1 clusters of the k-means, the coarse quantizer's lists, "
+                            "2 to nlist / 2 (default: round(sqrt(nlist)))", _optional(_positive), None)
+    quantizer_nprobe: int | None = _f("two-level builds: level-1 lists the coarse quantizer searches for each "
+                                      "vector and query, 1 to nlist1 (default: 16, at most nlist1)",
+                                      _optional(_positive), None)
+    refine_niter: int = _f("two-level builds: Lloyd iterations of all the centroids after the two levels",
+                           _nonnegative, 5)
     storage_options: dict[str, Any] | None = _f("fsspec options of the source and index URLs",
                                                 _optional(_options), None)
 
