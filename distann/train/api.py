@@ -18,7 +18,17 @@ from distann.train.sampling import ChunkScan, plan_sample, raise_if_nonfinite, s
 
 log = logging.getLogger(__name__)
 
-_SAMPLE_BLOCK = 65536  # sample rows per training block
+_SAMPLE_BLOCK = 16384  # sample rows per training block, at least
+_MAX_SAMPLE_BLOCKS = 1024  # ... and blocks at most (larger blocks beyond 16M sample rows)
+
+
+def sample_block_rows(n_sample: int) -> int:
+    """Rows per sample block: 16,384, enough blocks that a Lloyd iteration's tasks spread evenly
+    over the workers (a block more on one worker costs little), and at most 1,024 blocks so that
+    the per-iteration task count and the two-level split (blocks x groups tasks) stay bounded.
+    It depends on the sample size only, never on the cluster: the same build trains the same
+    centroids on any cluster."""
+    return max(_SAMPLE_BLOCK, -(-n_sample // _MAX_SAMPLE_BLOCKS))
 
 
 def check_train_params(niter: object, init: object, seed: object, max_points_per_centroid: object) -> None:
@@ -39,6 +49,7 @@ def collect_sample(client, source, chunks, n_sample: int, seed: int, normalize: 
     before anything is written (counting every NaN/Inf of the source when the sample holds one).
     """
     sizes = plan_sample(np.array([c.size for c in chunks], dtype=np.int64), n_sample, seed)
+    block_rows = sample_block_rows(int(sizes.sum()))
     if not full_scan:
         return _read_sample(client, source, chunks, sizes, seed, normalize, progress)
     futs = [client.submit(scan_chunk, source, c, int(size), seed, normalize, pure=False)
@@ -46,14 +57,14 @@ def collect_sample(client, source, chunks, n_sample: int, seed: int, normalize: 
     # only the small per-chunk scans travel to the client; the sample stays on the workers
     scans = wait_all([client.submit(operator.getitem, f, 0, pure=False) for f in futs], "scan", progress)
     raise_if_nonfinite(scans)
-    # consecutive chunk samples are concatenated into blocks of about _SAMPLE_BLOCK rows: few,
+    # consecutive chunk samples are concatenated into blocks of about block_rows rows: few,
     # large tasks per Lloyd iteration, and a grouping that does not depend on the cluster
     blocks, block_sizes, group, acc = [], [], [], 0
     for i, size in enumerate(sizes):
         if size:
             group.append(client.submit(operator.getitem, futs[i], 1, pure=False))
             acc += int(size)
-        if group and (acc >= _SAMPLE_BLOCK or i == len(sizes) - 1):
+        if group and (acc >= block_rows or i == len(sizes) - 1):
             blocks.append(group[0] if len(group) == 1 else client.submit(_concat, *group, pure=False))
             block_sizes.append(acc)
             group, acc = [], 0
@@ -61,14 +72,15 @@ def collect_sample(client, source, chunks, n_sample: int, seed: int, normalize: 
 
 
 def _read_sample(client, source, chunks, sizes: np.ndarray, seed: int, normalize: bool, progress: bool):
-    """One task per run of consecutive chunks holding about ``_SAMPLE_BLOCK`` sample rows reads
+    """One task per run of consecutive chunks holding about ``sample_block_rows`` sample rows reads
     only those rows: the sample blocks, as the full scan would leave them, without the pass."""
     groups, group, acc = [], [], 0
+    block_rows = sample_block_rows(int(sizes.sum()))
     for i, size in enumerate(sizes):
         if size:
             group.append(i)
             acc += int(size)
-        if group and (acc >= _SAMPLE_BLOCK or i == len(sizes) - 1):
+        if group and (acc >= block_rows or i == len(sizes) - 1):
             groups.append((group, acc))
             group, acc = [], 0
     futs = [client.submit(sample_rows, source, [chunks[i] for i in g], sizes[g], seed, normalize, pure=False)
