@@ -88,7 +88,8 @@ class IVFQuantizer(FlatQuantizer):
         self.members = np.ascontiguousarray(members, dtype=np.int64)
         self.offsets = np.ascontiguousarray(offsets, dtype=np.int64)
         if (self.top.ndim != 2 or self.top.shape[1] != self.centroids.shape[1]
-                or self.offsets.shape != (len(self.top) + 1,) or self.offsets[-1] != len(self.members)
+                or self.offsets.shape != (len(self.top) + 1,) or self.offsets[0] != 0
+                or self.offsets[-1] != len(self.members) or (np.diff(self.offsets) < 0).any()
                 or len(self.members) != len(self.centroids)
                 or not np.array_equal(np.sort(self.members), np.arange(len(self.centroids)))):
             raise ValueError("IVFQuantizer: level-1 arrays do not describe the centroids")
