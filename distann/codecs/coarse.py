@@ -153,5 +153,8 @@ def load_quantizer(params: dict, centroids: np.ndarray, read) -> FlatQuantizer:
     if kind == "flat":
         return FlatQuantizer(centroids)
     if kind == "ivf":
-        return IVFQuantizer(centroids, read("top"), read("members"), read("member_offsets"), params["nprobe"])
+        q = IVFQuantizer(centroids, read("top"), read("members"), read("member_offsets"), params["nprobe"])
+        if params.get("nlist1", q.nlist1) != q.nlist1:
+            raise ValueError(f"the quantizer section names {params['nlist1']} level-1 lists, its arrays {q.nlist1}")
+        return q
     raise ValueError(f"unknown coarse quantizer kind {kind!r}")
