@@ -671,8 +671,8 @@ def test_65536_lists_build_and_search(client, tmp_path):
     Measured recall@10 against brute force (200 queries; nprobe 1 / 4 / 16 / 64): 0.18 / 0.56 /
     0.92 / 0.995; exact quantization of the same centroids 0.18 / 0.56 / 0.93 / 0.997; the
     quantizer probing 4 level-1 lists 0.94 at nprobe 64, 1 level-1 list 0.62. The build takes
-    35 s alone on the two single-threaded workers (training 31 s of it), 46-53 s in the test
-    on a loaded machine; the 200 queries 0.05 s."""
+    20 s on the session's two single-threaded workers (35-46 s on a loaded 2-core machine,
+    training about 85% of it); the 200 queries 0.05 s; the whole test 24-55 s."""
     n, d, nlist, nq = 2 * 65536, 8, 65536, 200
     xb, xq = dataset(n, d, nq, intrinsic_dim=8)
     np.save(tmp_path / "base.npy", xb)
