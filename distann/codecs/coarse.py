@@ -111,6 +111,15 @@ class IVFQuantizer(FlatQuantizer):
     def nlist1(self) -> int:
         return len(self.top)
 
+    @property
+    def nprobe(self) -> int:
+        return self._nprobe
+
+    @nprobe.setter
+    def nprobe(self, value: int) -> None:
+        """Level-1 lists searched per vector: may be changed on an opened index, within [1, nlist1]."""
+        self._nprobe = check_quantizer_nprobe(value, len(self.top))
+
     def search(self, x: np.ndarray, nprobe: int, kmetric: str, kern) -> tuple[np.ndarray, np.ndarray]:
         from distann.search.plan import expand_to_all_lists, plan_probes
 
