@@ -407,6 +407,17 @@ def test_cosine_two_level_build(client, data, tmp_path):
     assert recall >= 0.86, recall
 
 
+def test_quantizer_nprobe_of_an_opened_index_is_checked(built, data):
+    _, _, xq = data
+    index = distann.open_index(built["IVF256,Flat"].url)
+    for bad in (0, NLIST1 + 1, 2.0, None):
+        with pytest.raises(ValidationError) as info:
+            index.quantizer.nprobe = bad
+        assert info.value.param == "quantizer_nprobe"
+    assert index.quantizer.nprobe == QNPROBE  # unchanged, and searches as before
+    np.testing.assert_array_equal(index.search(xq, k=5, nprobe=8)[1], built["IVF256,Flat"].search(xq, k=5, nprobe=8)[1])
+
+
 def _fingerprint(index) -> dict:
     q = index.quantizer
     return {"centroids": index.centroids, "top": q.top, "members": q.members, "offsets": q.offsets,
