@@ -253,8 +253,8 @@ class BuildJob:
     quantizer_nprobe: int | None = _f("two-level builds: level-1 lists the coarse quantizer searches for each "
                                       "vector and query, 1 to nlist1 (default: 16, at most nlist1)",
                                       _optional(_positive), None)
-    refine_niter: int = _f("two-level builds: Lloyd iterations of all the centroids after the two levels",
-                           _nonnegative, 5)
+    refine_niter: int | None = _f("two-level builds: Lloyd iterations of all the centroids after the two levels "
+                                  "(default: 5)", _optional(_nonnegative), None)
     storage_options: dict[str, Any] | None = _f("fsspec options of the source and index URLs",
                                                 _optional(_options), None)
 

@@ -561,6 +561,8 @@ def no_tasks(client, monkeypatch):
     (dict(two_level=1), "two_level", "True or False"),
     (dict(two_level=True, refine_niter=-1), "refine_niter", "a non-negative integer"),
     (dict(refine_niter=2.0), "refine_niter", "a non-negative integer"),
+    (dict(two_level=False, refine_niter=3), "refine_niter", "None unless"),
+    (dict(refine_niter=0), "refine_niter", "nlist >= 16384; this build has nlist 256"),
 ])
 def test_bad_two_level_parameters_refused_before_any_task(no_tasks, data, tmp_path, kw, param, allowed):
     root = data[0]
@@ -660,13 +662,12 @@ def test_job_file_fields():
     from distann import config
 
     job = config.from_dict("build", {"source": "a.npy", "index": "b.zarr"})
-    assert (job.two_level, job.nlist1, job.quantizer_nprobe, job.refine_niter) == (None, None, None,
-                                                                                    DEFAULT_REFINE_NITER)
+    assert (job.two_level, job.nlist1, job.quantizer_nprobe, job.refine_niter) == (None, None, None, None)
     job = config.from_dict("build", {"source": "a.npy", "index": "b.zarr", "two_level": True, "nlist1": 64,
                                      "quantizer_nprobe": 8, "refine_niter": 0})
     assert (job.two_level, job.nlist1, job.quantizer_nprobe, job.refine_niter) == (True, 64, 8, 0)
     for key, value in (("two_level", "yes"), ("two_level", 1), ("nlist1", 0), ("nlist1", 2.5),
-                       ("quantizer_nprobe", 0), ("refine_niter", -1), ("refine_niter", None)):
+                       ("quantizer_nprobe", 0), ("refine_niter", -1), ("refine_niter", 1.5)):
         with pytest.raises(ValidationError) as info:
             config.from_dict("build", {"source": "a.npy", "index": "b.zarr", key: value})
         assert info.value.param == f"config.{key}"

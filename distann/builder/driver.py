@@ -66,7 +66,7 @@ def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2"
           column: str | None = None, ids_column: str | None = None, storage_options: dict | None = None,
           workers: int | None = None, scheduler: str | None = None, progress: bool = False,
           backend: str | None = None, two_level: bool | None = None, nlist1: int | None = None,
-          quantizer_nprobe: int | None = None, refine_niter: int = DEFAULT_REFINE_NITER):
+          quantizer_nprobe: int | None = None, refine_niter: int | None = None):
     """Build an IVF index of ``source`` at ``index_url`` and return it opened.
 
     ``source``: URL (npy, fvecs/bvecs, zarr, parquet, directory or glob), a VectorSource or a
@@ -83,8 +83,8 @@ def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2"
 
     Large ``nlist`` (``docs/SCALE.md``): with ``two_level`` (default: from ``nlist`` >= 16384 on)
     the coarse centroids come from a two-level k-means (``nlist1`` level-1 clusters, default
-    round(sqrt(nlist)), each split into fine centroids in parallel, then ``refine_niter`` Lloyd
-    iterations of all centroids), and vectors and queries are assigned by an inverted file over
+    round(sqrt(nlist)), each split into fine centroids in parallel, then ``refine_niter``
+    (default 5) Lloyd iterations of all centroids), and vectors and queries are assigned by an inverted file over
     the centroids that searches ``quantizer_nprobe`` (default 16) level-1 lists instead of
     comparing with every centroid (``distann.codecs.coarse``).
 
@@ -271,15 +271,16 @@ def _check_levels(nlist: int, n_sample: int, two_level: object, nlist1: object, 
     if two_level is not None:
         check_bool("two_level", two_level)
     use = nlist >= TWO_LEVEL_NLIST if two_level is None else two_level
-    refine_niter = check_nonnegative_int("refine_niter", refine_niter)
+    if refine_niter is not None:
+        check_nonnegative_int("refine_niter", refine_niter)
     if not use:
-        for name, value in (("nlist1", nlist1), ("quantizer_nprobe", quantizer_nprobe)):
+        for name, value in (("nlist1", nlist1), ("quantizer_nprobe", quantizer_nprobe), ("refine_niter", refine_niter)):
             if value is not None:
                 raise ValidationError(name, value, f"None unless the build uses a two-level k-means (two_level=True, "
                                                    f"or nlist >= {TWO_LEVEL_NLIST}; this build has nlist {nlist})")
         return None
     nlist1, nprobe = check_two_level(nlist, nlist1, n_sample, quantizer_nprobe)
-    return TwoLevel(nlist1, nprobe, refine_niter)
+    return TwoLevel(nlist1, nprobe, DEFAULT_REFINE_NITER if refine_niter is None else int(refine_niter))
 
 
 def _levels_record(levels: TwoLevel | None) -> dict | None:
