@@ -223,7 +223,7 @@ def test_progress_bars_only_on_a_terminal_and_not_with_no_progress(tmp_path):
         return b"".join(chunks).decode(errors="replace")
 
     shown = stderr_on_a_tty()
-    for stage in ("scan", "k-means", "add", "merge"):
+    for stage in ("sample", "k-means", "add", "merge"):
         assert f"{stage}: 100%" in shown, shown
     assert "100%" not in stderr_on_a_tty("--no-progress")
 
