@@ -179,7 +179,9 @@ def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2"
             # ---- merge: shard over lists
             t0 = time.perf_counter()
             shards = plan_shards(list_sizes, q.code_size + 4 * ctx.raw_d, shard_bytes)
-            merged = wait_all([c.submit(merge_shard, ctx, sh, chunks, pure=False) for sh in shards], "merge", progress)
+            # each merge task gets (n, chunk_rows), not the chunk list: its message stays O(1) in N
+            merged = wait_all([c.submit(merge_shard, ctx, sh, src.n, chunk_rows, pure=False) for sh in shards],
+                              "merge", progress)
             timings["merge_s"] = time.perf_counter() - t0
         # ---- commit
         checksums = _codec_checksums(gen, codec)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from distann.builder.plan import ShardTask, list_order
-from distann.chunks import ChunkTask
+from distann.chunks import ChunkTask, plan_chunks
 from distann.codecs.coarse import FlatQuantizer
 from distann.codecs.pipeline import CodecPipeline
 from distann.kernels import get_backend
@@ -80,8 +80,10 @@ def add_chunk(ctx: AddContext, chunk: ChunkTask, source, ids_source, quantizer: 
     return np.diff(offsets), False, 0, -1
 
 
-def merge_shard(ctx: AddContext, shard: ShardTask, chunks: tuple[ChunkTask, ...]) -> tuple[int, str, bool]:
-    """Shard over lists: gather lists [list_start, list_stop) from every staging output.
+def merge_shard(ctx: AddContext, shard: ShardTask, n: int, chunk_rows: int) -> tuple[int, str, bool]:
+    """Shard over lists: gather lists [list_start, list_stop) from every staging output (the add
+    tasks' chunks of ``n`` rows cut by ``chunk_rows``, planned again here: the task's message
+    does not grow with the number of chunks).
 
     Reads one contiguous slice per staging output and writes the shard's Zarr arrays
     (list-major; within a list, rows keep chunk order, so ids stay ascending for default ids).
@@ -92,6 +94,7 @@ def merge_shard(ctx: AddContext, shard: ShardTask, chunks: tuple[ChunkTask, ...]
         done = ctx.loc.read_json(f"{base}/DONE")
         return done["ntotal"], done["checksum"], True
     dtype = np.dtype(ctx.code_dtype).newbyteorder("<")
+    chunks = plan_chunks(n, chunk_rows)
     l0, l1 = shard.list_start, shard.list_stop
     # pass 1: every staging output's per-list offsets inside the shard's list range (small)
     spans = []
