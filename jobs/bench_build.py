@@ -78,6 +78,42 @@ def measure_one(args) -> int:
     return 0
 
 
+def write_outputs(rows: list[dict], out: str) -> None:
+    """build.json and build.md from the measured rows (specs and worker counts as they appear)."""
+    specs = list(dict.fromkeys(r["spec"] for r in rows))
+    workers_seen = list(dict.fromkeys(r["workers"] for r in rows))
+    result = {"machine": machine(), "rows": rows}
+    with open(os.path.join(out, "build.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    lines = ["| spec | n x d | workers (faiss threads) | distann build (s) | faiss train+add (s) | time ratio "
+             "(target <= 1.5) | peak RSS, all processes (MiB) | RSS / raw data (target <= 50%) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        o = r["distann"]
+        lines.append(f"| {r['spec']} | {r['n']:,} x {r['d']} | {r['workers']} | {o['seconds']:.1f} | "
+                     f"{r['faiss']['seconds']:.1f} | {r['time_ratio']:.2f} | {o['peak_rss_bytes'] / 2**20:,.0f} | "
+                     f"{100 * r['peak_rss_fraction_of_raw']:.0f}% |")
+    lines.append("")
+    for spec in specs:
+        for workers in workers_seen:
+            sel = [r for r in rows if r["spec"] == spec and r["workers"] == workers]
+            if len(sel) > 1:
+                growth = sel[-1]["distann"]["peak_rss_bytes"] / sel[0]["distann"]["peak_rss_bytes"] - 1
+                lines.append(f"- {spec}, {workers} worker(s): peak RSS growth from n={sel[0]['n']:,} to "
+                             f"n={sel[-1]['n']:,}: {100 * growth:+.1f}% (target: flat in N); idle cluster before the "
+                             f"build: {sel[-1]['distann']['idle_cluster_rss_bytes'] / 2**20:,.0f} MiB RSS.")
+    lines.append("")
+    lines.append("| spec | n | workers | distann sample / train / add / merge (s) | faiss train / add (s) |")
+    lines.append("|---|---|---|---|---|")
+    for r in rows:
+        t, f = r["distann"]["timings"], r["faiss"]
+        lines.append(f"| {r['spec']} | {r['n']:,} | {r['workers']} | {t.get('sample_s', 0):.1f} / {t['train_s']:.1f} / "
+                     f"{t['add_s']:.1f} / {t['merge_s']:.1f} | {f['train_seconds']:.1f} / {f['add_seconds']:.1f} |")
+    with open(os.path.join(out, "build.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 2_000_000, 4_000_000])
@@ -115,36 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                 log.info("%s n=%d workers=%d: distann %.1f s, faiss %.1f s, ratio %.2f, peak RSS %.0f MiB (%.0f%% of raw)",
                          spec, n, workers, row["distann"]["seconds"], row["faiss"]["seconds"], row["time_ratio"],
                          row["distann"]["peak_rss_bytes"] / 2**20, 100 * row["peak_rss_fraction_of_raw"])
-    result = {"machine": machine(), "rows": rows}
-    with open(os.path.join(args.out, "build.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    lines = ["| spec | n x d | workers (faiss threads) | distann build (s) | faiss train+add (s) | time ratio "
-             "(target <= 1.5) | peak RSS, all processes (MiB) | RSS / raw data (target <= 50%) |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        o = r["distann"]
-        lines.append(f"| {r['spec']} | {r['n']:,} x {r['d']} | {r['workers']} | {o['seconds']:.1f} | "
-                     f"{r['faiss']['seconds']:.1f} | {r['time_ratio']:.2f} | {o['peak_rss_bytes'] / 2**20:,.0f} | "
-                     f"{100 * r['peak_rss_fraction_of_raw']:.0f}% |")
-    lines.append("")
-    for spec in args.specs:
-        for workers in args.workers:
-            sel = [r for r in rows if r["spec"] == spec and r["workers"] == workers]
-            if len(sel) > 1:
-                growth = sel[-1]["distann"]["peak_rss_bytes"] / sel[0]["distann"]["peak_rss_bytes"] - 1
-                lines.append(f"- {spec}, {workers} worker(s): peak RSS growth from n={sel[0]['n']:,} to "
-                             f"n={sel[-1]['n']:,}: {100 * growth:+.1f}% (target: flat in N); idle cluster before the "
-                             f"build: {sel[-1]['distann']['idle_cluster_rss_bytes'] / 2**20:,.0f} MiB RSS.")
-    lines.append("")
-    lines.append("| spec | n | workers | distann sample / train / add / merge (s) | faiss train / add (s) |")
-    lines.append("|---|---|---|---|---|")
-    for r in rows:
-        t, f = r["distann"]["timings"], r["faiss"]
-        lines.append(f"| {r['spec']} | {r['n']:,} | {r['workers']} | {t.get('sample_s', 0):.1f} / {t['train_s']:.1f} / "
-                     f"{t['add_s']:.1f} / {t['merge_s']:.1f} | {f['train_seconds']:.1f} / {f['add_seconds']:.1f} |")
-    with open(os.path.join(args.out, "build.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_outputs(rows, args.out)
     return 0
 
 
