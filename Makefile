@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: quickstart test test-all bench-build bench-search bench-codecs bench-serve bench-bigbatch bench-gpu gpu-wheels install clean
+.PHONY: quickstart test test-all bench-build bench-search bench-codecs bench-serve bench-bigbatch bench-scale bench-gpu gpu-wheels install clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ bench-serve: $(VENV)/.installed
 ## Dedup and self-kNN at 1M x 64 against exact brute force and faiss-cpu, worker memory vs queries
 bench-bigbatch: $(VENV)/.installed
 	$(PY) jobs/bench_bigbatch.py
+
+## The 1B plan's inputs (docs/SCALE.md): ivf vs exact coarse quantizer, per-stage throughput of one core, the
+## 1B build graph on 32-64 worker processes (about 75 minutes on 2 cores; each part: --parts quantizer|stages|simulate)
+bench-scale: $(VENV)/.installed
+	$(PY) jobs/bench_scale.py $(BENCH_SCALE_ARGS)
 
 ## The GPU benchmark (cuda vs numba vs PyTorch brute force, ceilings, k-means) on a machine with a GPU;
 ## on a lent device machine run `bash jobs/gpu_device.sh` instead (docs/benchmarks/gpu.md)
