@@ -44,7 +44,7 @@ bench-bigbatch: $(VENV)/.installed
 	$(PY) jobs/bench_bigbatch.py
 
 ## The 1B plan's inputs (docs/SCALE.md): ivf vs exact coarse quantizer, per-stage throughput of one core, the
-## 1B build graph on 32-64 worker processes (about 75 minutes on 2 cores; each part: --parts quantizer|stages|simulate)
+## 1B build graph on 32-64 worker processes (about an hour on 2 cores; one part: BENCH_SCALE_ARGS="--parts simulate")
 bench-scale: $(VENV)/.installed
 	$(PY) jobs/bench_scale.py $(BENCH_SCALE_ARGS)
 

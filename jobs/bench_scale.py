@@ -1,14 +1,15 @@
 """Scale benchmark: the measured inputs of the 1B cost model (docs/SCALE.md) and a run of the
 full build graph at the task count of a 1B build.
 
-    python jobs/bench_scale.py [--parts quantizer stages simulate] [--workers 32 64]
+    python jobs/bench_scale.py [--parts quantizer stages simulate] [--sim-runs 0.25:32,0.25:64,1:32:0.0625]
 
 Three parts, each merged into docs/benchmarks/scale.json (a part not run keeps its previous
 figures) and then rendered, with the model they feed, to docs/benchmarks/scale.md:
 
 quantizer  The ``ivf`` coarse quantizer (distann.codecs.coarse) against exact coarse
            quantization, on two-level centroids trained by distann (train.two_level on a
-           local cluster) for nlist 2^14 and 2^16: the fraction of the exact top-nprobe lists
+           local cluster) for nlist 2^14 and 2^16 (and what --q-nlists names): the fraction
+           of the exact top-nprobe lists
            it finds, the assign agreement (nprobe 1), queries/s against the exact flat
            quantizer (distann's numba kernel and faiss-cpu IndexFlatL2, one thread each), and
            IVF-Flat recall@10 with the ivf quantizer vs the exact one (computed from list
@@ -16,12 +17,15 @@ quantizer  The ``ivf`` coarse quantizer (distann.codecs.coarse) against exact co
 stages     Per-stage throughput of one worker (one process, one thread) with distann's own
            functions: scan, k-means iterations (one-level, level 2, refinement), assign +
            encode (Flat, PQ32) at 2^18 and 2^20 lists, staging write, merge, commit.
-simulate   ``distann.build`` of tiny data cut into as many add tasks (15,259) and merge tasks
-           (~1,192) as a 1B x 96 IVF262144,PQ32 build with the default chunk_rows and
-           shard_bytes, on a scheduler process and many single-threaded worker processes:
-           wall time per stage, scheduler CPU per task, client and scheduler memory over
-           time, what the client sends (task arguments) and gathers, at two scales (1/4 and
-           full task counts) and two worker counts, plus an empty-task baseline.
+simulate   ``distann.build`` of tiny data cut into as many add tasks (15,259) as a 1B x 96
+           IVF262144,PQ32 build with the default chunk_rows, and a given fraction of its
+           merge tasks (1,193 at the default shard_bytes), on a scheduler process and many
+           single-threaded worker processes: wall time per stage, scheduler CPU per task,
+           client and scheduler memory over time, what the client sends (task arguments) and
+           gathers, what the workers hold; by default a quarter of both task counts on 32 and
+           on 64 workers, and all add tasks with 1/16 of the merge tasks on 32 workers (the
+           merge work grows as add tasks x merge tasks: the full product does not fit in 15
+           minutes on 2 cores), plus an empty-task baseline.
 
 Figures are what this run measured; the model section of the json is computed from them.
 """
@@ -207,6 +211,8 @@ def part_quantizer(args, previous: dict | None) -> dict:
         del flat_db
         gt_rows = np.unique(gt)
         for nlist in args.q_nlists:
+            if dist != "synthetic" and nlist > min(args.q_nlists):
+                continue  # the second distribution at the smallest nlist only (time)
             n_train = min(args.q_ppc * nlist, 4_000_000)
             train = dataset(dist, n_train, 2)
             with client_context(workers=2) as client:
@@ -230,7 +236,8 @@ def part_quantizer(args, previous: dict | None) -> dict:
                                          "faiss_flat": qps(lambda x: fx.search(x, p), tq)} for p in (1, 16, 64)}
             exact_recall = {}
             for p in (1, 16, 64):
-                exact_recall[p] = ivf_flat_recall(gt, dict(zip(gt_rows.tolist(), ex_db.tolist())), ex_probe[:len(gtq), :p])
+                exact_list = dict(zip(gt_rows.tolist(), ex_db.tolist()))
+                exact_recall[p] = ivf_flat_recall(gt, exact_list, ex_probe[:len(gtq), :p])
             run["exact_recall_at_10"] = {str(p): exact_recall[p] for p in (1, 16, 64)}
             for qn in args.q_nprobes:
                 if qn > q.nlist1:
@@ -437,7 +444,7 @@ def part_stages(args) -> dict:
         r["refine_reduce_seconds"] = best_of(lambda: add_stats(part, part), 2)
         kern.assign(x[:64], cent, "l2")
         r["exact_assign_rows_per_s"] = 1024 / best_of(lambda: kern.assign(x[:1024], cent, "l2"), 2)
-        del part
+        part = None
         # add_chunk, the add task itself: read, assign, sort by list, encode, write staging
         loc = Location(os.path.join(tmp, f"add-{nlist}.zarr"), {})
         for spec in ("Flat", "PQ32"):
@@ -476,7 +483,7 @@ def part_stages(args) -> dict:
             lambda: write_small(loc.zarr_store(), layout.list_sizes("g000001"), np.zeros(nlist, np.int64)), 2)
         res["by_nlist"][str(nlist)] = r
         log.info("nlist %d: %s", nlist, r)
-        del q, cent, top
+        q = cent = top = None  # free them before the next nlist
 
     # ---- merge: merge_shard over staging outputs shaped as at 1B (65,536-row chunks, 2^18 lists,
     # a shard of 220 lists = 32 MiB at 1B rows: ~55 rows from ~50 lists per staging output)
@@ -491,10 +498,15 @@ def part_stages(args) -> dict:
                                              np.arange(ch.start, ch.stop, dtype=np.int64)[order], offs, None)
     ctx = AddContext(loc, "g000001", nlist, False, "|u1", PQ_M, 0, "numba")
     lists_per_shard = int(round(SHARD_BYTES / ROW_BYTES / (ONE_B / nlist)))
+    import inspect
+    by_plan = "chunk_rows" in inspect.signature(merge_shard).parameters  # merge tasks plan the chunks themselves
+
     def merge_time(cs, s):
         l0 = 1000 + s * 5000
+        task = ShardTask(s, l0, l0 + lists_per_shard, 0)
+        args = (len(cs) * CHUNK_ROWS, CHUNK_ROWS) if by_plan else (cs,)
         t0 = time.process_time()
-        merge_shard(ctx, ShardTask(s, l0, l0 + lists_per_shard, 0), cs)
+        merge_shard(ctx, task, *args)
         return time.process_time() - t0
     # per staging output: the slope between merges over a quarter and over all of the outputs
     # (a merge task also has fixed costs: the shard's Zarr arrays and DONE marker)
@@ -504,7 +516,8 @@ def part_stages(args) -> dict:
     per_output = (t_merge - t_few) / (nchunks - len(few))
     # the read pieces of one span, and the shard write
     st = Staging(loc, "g000001", mchunks[0].name)
-    t_off = best_of(lambda: [Staging(loc, "g000001", c.name).offsets(5000, 5000 + lists_per_shard) for c in mchunks], 3) / nchunks
+    t_off = best_of(lambda: [Staging(loc, "g000001", c.name).offsets(5000, 5000 + lists_per_shard)
+                             for c in mchunks], 3) / nchunks
     o = st.offsets(5000, 5000 + lists_per_shard)
     t_rows = best_of(lambda: [Staging(loc, "g000001", c.name).rows(int(o[0]), int(o[-1]), np.uint8, PQ_M, 0)
                               for c in mchunks], 3) / nchunks
@@ -853,7 +866,8 @@ def simulate_one(args, scale: float, workers: int, shard_scale: float | None = N
     shard_bytes = max(1, int(n * ROW_BYTES / target_shards - list_bytes / 2))
     url = os.path.join(args.data, f"scale-sim-{nchunks}.zarr")
     workdir = tempfile.mkdtemp(prefix="sim-", dir=args.data)
-    out = {"scale": scale, "shard_scale": shard_scale, "workers": workers, "chunks": nchunks, "chunk_rows": rows, "n": n, "nlist": nlist,
+    out = {"distann": _library_state(), "scale": scale, "shard_scale": shard_scale, "workers": workers,
+           "chunks": nchunks, "chunk_rows": rows, "n": n, "nlist": nlist,
            "spec": f"IVF{nlist},PQ{PQ_M}", "shard_bytes": shard_bytes, "target_shards": target_shards}
     log.info("simulate: %d workers, %d chunks of %d rows, nlist %d, shard_bytes %d (target %d shards)", workers,
              nchunks, rows, nlist, shard_bytes, target_shards)
@@ -985,7 +999,8 @@ def graph(n: int, nlist: int, chunk_rows: int = CHUNK_ROWS, shards: int | None =
     }
     tasks = {k: int(round(v)) for k, v in tasks.items()}
     return {"n": n, "nlist": nlist, "nlist1": nlist1, "chunks": C, "shards": S, "n_sample": n_sample,
-            "sample_block_rows": block_rows, "sample_blocks": B, "groups": G, "tasks": tasks, "total_tasks": sum(tasks.values())}
+            "sample_block_rows": block_rows, "sample_blocks": B, "groups": G, "tasks": tasks,
+            "total_tasks": sum(tasks.values())}
 
 
 #: $/core-hour: AWS EC2 c7i on-demand, us-east-1 (c7i.xlarge: 4 vCPU for $0.1785/h), per vCPU
@@ -1005,7 +1020,9 @@ def model(results: dict) -> dict:
     sample_pass = "sample_rows" in full["tasks_by_prefix"]
     # scheduler CPU per task: the add stage (C add tasks, C count conversions, C - 1 reduces)
     sched_task_s = full["stages"]["add"]["scheduler_cpu_s"] / (3 * full["chunks"] - 1)
-    seq_result_s = full.get("baseline_empty", {}).get("sequential_result_ms", 0.0) / 1000
+    based = [r for r in sim if "baseline_empty" in r]
+    # the least contended measurement (the machine is shared; this is a latency, not a CPU time)
+    seq_result_s = min((r["baseline_empty"]["sequential_result_ms"] / 1000 for r in based), default=0.0)
     cleanup_per_chunk_s = full["stages"].get("cleanup", {}).get("seconds", 0.0) / full["chunks"]
     out = {"assumptions": {"price_per_core_hour": PRICE_PER_CORE_HOUR,
                            "core": "one worker process with one thread; per-core figures are CPU times measured here",
@@ -1031,7 +1048,8 @@ def model(results: dict) -> dict:
         else:
             sample_task_s = CHUNK_ROWS / st["scan"]["scan_task_rows_per_s"]
         add_task_s = bn["PQ32"]["add_task_seconds"]
-        merge_task_s = C * m["seconds_per_staging_output"] + m["fixed_seconds"] + SHARD_BYTES / m["shard_write_bytes_per_s"]
+        merge_task_s = (C * m["seconds_per_staging_output"] + m["fixed_seconds"]
+                        + SHARD_BYTES / m["shard_write_bytes_per_s"])
         merge_task_os_s = merge_task_s + 3 * C * OBJECT_STORE_READ_S
         level1_task_s = g["sample_block_rows"] * n1 * D / km_rate
         refine_task_s = g["sample_block_rows"] / bn["refine_stats_rows_per_s"]
@@ -1046,7 +1064,8 @@ def model(results: dict) -> dict:
             t_l1 = max((NITER + 1) * waves(B) * level1_task_s, sched("train_level1") + B * sched_task_s)
             t_l2 = waves(G) * group_task_s
             t_ref = max((REFINE_NITER + 2) * waves(B) * refine_task_s, sched("train_refine")) \
-                + (REFINE_NITER + 1) * (math.ceil(math.log2(B)) * bn["refine_reduce_seconds"] + bn["quantizer_build_seconds"])
+                + (REFINE_NITER + 1) * (math.ceil(math.log2(B)) * bn["refine_reduce_seconds"]
+                                        + bn["quantizer_build_seconds"])
             t_pq = waves(PQ_M) * st["pq_train_subspace_seconds"]
             t["train"] = t_l1 + t_l2 + t_ref + t_pq
             t["add"] = max(waves(C) * add_task_s, sched("add"))
@@ -1054,7 +1073,8 @@ def model(results: dict) -> dict:
             t["commit"] = bn["checksum_centroids_seconds"] + bn["write_list_sizes_seconds"] + C * cleanup_per_chunk_s
             wall = sum(t.values())
             wall_os = wall - t["merge"] + waves(S) * merge_task_os_s
-            by_n[str(N)] = {"seconds": t, "train_detail_s": {"level1": t_l1, "level2": t_l2, "refine": t_ref, "pq": t_pq},
+            by_n[str(N)] = {"seconds": t,
+                            "train_detail_s": {"level1": t_l1, "level2": t_l2, "refine": t_ref, "pq": t_pq},
                             "wall_hours": wall / 3600, "core_hours": N * wall / 3600,
                             "cost_usd": N * wall / 3600 * PRICE_PER_CORE_HOUR,
                             "scheduler_cpu_hours": g["total_tasks"] * sched_task_s / 3600,
@@ -1073,7 +1093,12 @@ def model(results: dict) -> dict:
                            "add": C * add_task_s / 3600, "merge": S * merge_task_s / 3600,
                            "merge_object_store": S * merge_task_os_s / 3600},
             "bytes": {
-                "source_read_sample_pass": (ns if sample_pass else ONE_B) * D * 4,
+                # remotely, sample rows closer than 1 MiB are read in one request (sources._fileset):
+                # at these sample densities that is every byte of the source
+                "source_read_sample_pass_local": (ns if sample_pass else ONE_B) * D * 4,
+                "source_read_sample_pass_remote": (ONE_B if not sample_pass or ONE_B / ns * D * 4 < 2**20
+                                                   else ns) * D * 4,
+                "sample_row_gap_bytes": ONE_B / ns * D * 4,
                 "source_read_add": ONE_B * D * 4,
                 "sample_held_on_workers": ns * D * 4,
                 "level2_pieces_moved": ns * D * 4,
@@ -1085,10 +1110,11 @@ def model(results: dict) -> dict:
                 "staging_codes_ids": ONE_B * ROW_BYTES,
                 "staging_offsets": C * (nlist + 1) * 8,
                 "add_counts_results": C * nlist * 8,
-                "merge_reads": 3 * C * S,
+                "merge_read_requests": 3 * C * S,
                 "merge_offsets_read": C * (nlist + S) * 8,
                 "shards_written": ONE_B * ROW_BYTES,
-                "merge_task_spec": C * full["run_spec_bytes"]["merge_shard"]["mean"] / full["chunks"] if "merge_shard" in full["run_spec_bytes"] else None,
+                # as measured in the largest simulation (it grew with the chunk count before e334bf9)
+                "merge_task_spec": full["run_spec_bytes"].get("merge_shard", {}).get("mean"),
             },
             "by_workers": by_n}
     return out
@@ -1110,12 +1136,13 @@ def render(results: dict) -> str:
               "by the same quantizer). Queries/s: one thread.", ""]
         for run in q["runs"]:
             L += [f"### {run['distribution']}, nlist {run['nlist']:,} (nlist1 {run['nlist1']}, trained on "
-                  f"{run['train_rows']:,} rows, {run.get('refine_niter', REFINE_NITER)} refinement iterations, in "
+                  f"{run['train_rows']:,} rows, refinement iterations {run.get('refine_niter', REFINE_NITER)}, in "
                   f"{run['train_seconds']:.0f} s)", "",
                   "| quantizer nprobe | assign agreement (db / queries) | lists found p=1 / 16 / 64 | "
                   "recall@10 loss p=1 / 16 / 64 | queries/s p=1 / 16 / 64 |", "|---|---|---|---|---|"]
             for r in run["rows"]:
-                L.append(f"| {r['quantizer_nprobe']} | {r['db_assign_agreement']:.4f} / {r['query_assign_agreement']:.4f} | "
+                L.append(f"| {r['quantizer_nprobe']} | {r['db_assign_agreement']:.4f} / "
+                         f"{r['query_assign_agreement']:.4f} | "
                          f"{r['lists_found_p1']:.4f} / {r['lists_found_p16']:.4f} / {r['lists_found_p64']:.4f} | "
                          f"{r['recall_loss_p1']:+.4f} / {r['recall_loss_p16']:+.4f} / {r['recall_loss_p64']:+.4f} | "
                          f"{r['qps_p1']:,.0f} / {r['qps_p16']:,.0f} / {r['qps_p64']:,.0f} |")
@@ -1129,7 +1156,8 @@ def render(results: dict) -> str:
         ic = q.get("index_check")
         if ic:
             L += [f"Check on a real index ({ic['n']:,} rows, IVF{ic['nlist']},Flat built by distann, quantizer "
-                  f"{ic['quantizer']}): search recall@10 with the built ivf quantizer and with the exact one swapped in, "
+                  f"{ic['quantizer']}): search recall@10 with the built ivf quantizer and with the exact one "
+                  "swapped in, "
                   "against the recall computed from list membership.", "",
                   "| nprobe | search ivf | computed ivf | search exact | computed exact |", "|---|---|---|---|---|"]
             for p, r in ic["by_nprobe"].items():
@@ -1154,7 +1182,8 @@ def render(results: dict) -> str:
             L.append(f"| nlist {int(nl):,} (nlist1 {b['nlist1']}): ivf assign, quantizer nprobe 8 / 16 / 32 | "
                      f"{b['assign_rows_per_s_qn8']:,.0f} / {b['assign_rows_per_s_qn16']:,.0f} / "
                      f"{b['assign_rows_per_s_qn32']:,.0f} rows/s |")
-            L.append(f"| nlist {int(nl):,}: refinement stats (assign + sums) | {b['refine_stats_rows_per_s']:,.0f} rows/s; "
+            L.append(f"| nlist {int(nl):,}: refinement stats (assign + sums) | "
+                     f"{b['refine_stats_rows_per_s']:,.0f} rows/s; "
                      f"partial sums {b['refine_partial_bytes'] / 2**20:,.0f} MiB per block, one pairwise add "
                      f"{b['refine_reduce_seconds']:.2f} s |")
             L.append(f"| nlist {int(nl):,}: add task Flat / PQ32 (read, assign, sort, encode, write staging) | "
@@ -1175,24 +1204,37 @@ def render(results: dict) -> str:
     sim = results.get("simulate")
     if sim and sim["runs"]:
         L += ["## The 1B build graph on many worker processes", "",
-              "`distann.build` of tiny data cut like a 1B x 96 IVF262144,PQ32 build (add tasks = 1B / 65,536 chunks, "
-              "merge tasks = 1B x 40 B / 32 MiB shards; scale 0.25: a quarter of both), on a scheduler process "
-              "and single-threaded worker processes on this 2-core machine.", "",
-              "| workers | scale | add / merge tasks | all tasks | wall (s) | scan / train / add / merge / commit+cleanup (s) | "
-              "scheduler CPU per add-stage task (ms) | peak RSS client / scheduler (MiB) |", "|---|---|---|---|---|---|---|---|"]
+              "`distann.build` (IVF16384,PQ32, two-level) of tiny data (16-row chunks) cut like a 1B x 96 build: "
+              "add tasks = 1B / 65,536 chunks x scale, merge tasks = 1B x 40 B / 32 MiB shards x shard scale, on a "
+              "scheduler process and single-threaded worker processes (no nannies) sharing this 2-core machine "
+              "with other jobs: wall times are inflated, CPU times are not.", "",
+              "| workers | scale / shard scale | add / merge tasks | all tasks (predicted) | wall (s) | "
+              "sample / train / add / merge / commit + cleanup (s) | scheduler CPU per add-stage task (ms) | "
+              "merge CPU per (staging output x shard) (us) | peak RSS client / scheduler (MiB) | "
+              "add results held on workers (MiB) | merge task spec (bytes) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sim["runs"]:
             s = r["stages"]
             g = lambda k: s.get(k, {}).get("seconds", 0.0)  # noqa: E731
-            per = 1e3 * s["add"]["scheduler_cpu_s"] / (3 * r["chunks"])
-            L.append(f"| {r['workers']} | {r['scale']:.2f} | {r['chunks']:,} / {r['shards']:,} | {r['total_tasks']:,} | "
-                     f"{r['wall_seconds']:.0f} | {g('scan'):.0f} / {g('train'):.0f} / {g('add'):.0f} / {g('merge'):.0f} / "
-                     f"{g('commit') + g('cleanup'):.0f} | {per:.2f} | {r['peak']['client_rss'] / 2**20:,.0f} / "
-                     f"{r['peak']['scheduler_rss'] / 2**20:,.0f} |")
-        L.append("")
-        r = max(sim["runs"], key=lambda r: (r["chunks"], r["workers"]))
-        L += [f"Run with {r['workers']} workers at scale {r['scale']:.2f}: pickled task spec per task prefix "
-              "(what the scheduler holds and ships per task):", "", "| task | tasks | mean bytes | max bytes |",
-              "|---|---|---|---|"]
+            per = 1e3 * s["add"]["scheduler_cpu_s"] / (3 * r["chunks"] - 1)
+            pair = 1e6 * s["merge"]["workers_cpu_s"] / (r["chunks"] * r["shards"])
+            held = sum(v for k, v in r["peak_worker_bytes_by_prefix"].items() if k in ("add_chunk", "as_counts"))
+            spec = r["run_spec_bytes"].get("merge_shard", {}).get("mean", 0)
+            L.append(f"| {r['workers']} | {r['scale']:.2f} / {r.get('shard_scale') or r['scale']:.4g} | "
+                     f"{r['chunks']:,} / {r['shards']:,} | {r['total_tasks']:,} "
+                     f"({r['graph_predicted']['total_tasks']:,}) | {r['wall_seconds']:.0f} | {g('scan'):.0f} / "
+                     f"{g('train'):.0f} / {g('add'):.0f} / {g('merge'):.0f} / {g('commit') + g('cleanup'):.0f} | "
+                     f"{per:.2f} | {pair:.0f} | {r['peak']['client_rss'] / 2**20:,.0f} / "
+                     f"{r['peak']['scheduler_rss'] / 2**20:,.0f} | {held / 2**20:,.0f} | {spec:,.0f} |")
+        L += ["", "Idle: client " + ", ".join(f"{r['idle']['client_rss'] / 2**20:.0f}" for r in sim["runs"]) +
+              " MiB, scheduler " + ", ".join(f"{r['idle']['scheduler_rss'] / 2**20:.0f}" for r in sim["runs"]) +
+              " MiB RSS before each build (same order); the scheduler idles at " +
+              ", ".join(f"{1e3 * r['idle']['scheduler_cpu_per_s']:.0f}" for r in sim["runs"]) +
+              " ms of CPU per second (worker heartbeats).", ""]
+        r = max(sim["runs"], key=lambda r: (r["chunks"], r["shards"], r["workers"]))
+        L += [f"Largest run ({r['workers']} workers, {r['chunks']:,} add tasks, {r['shards']:,} merge tasks): pickled "
+              "task spec per task prefix (what the scheduler holds and ships per task):", "",
+              "| task | tasks | mean bytes | max bytes |", "|---|---|---|---|"]
         for p, v in sorted(r["run_spec_bytes"].items(), key=lambda kv: -kv[1]["mean"]):
             if v["n"] >= 8:
                 L.append(f"| {p} | {v['n']:,} | {v['mean']:,.0f} | {v['max']:,} |")
@@ -1200,14 +1242,20 @@ def render(results: dict) -> str:
               "|---|---|---|---|---|"]
         for stg, v in r["client_gathered"].items():
             L.append(f"| {stg} | {v['calls']:,} | {v['futures']:,} | {v['bytes']:,} | {v['seconds']:.1f} |")
-        for key in ("baseline_empty", "baseline_merge_sized"):
-            b = r.get(key)
-            if b:
-                L.append("")
-                L.append(f"Baseline, {b['tasks']:,} empty tasks with a {b['arg_bytes']:,}-byte argument, one submit each: "
-                         f"{b['tasks_per_s']:,.0f} tasks/s, scheduler CPU {b['scheduler_cpu_per_task_ms']:.2f} ms per task, "
-                         f"submit {b['submit_seconds']:.1f} s, sequential `.result()` {b['sequential_result_ms']:.2f} ms "
-                         f"each vs one gather of all {b['batch_gather_seconds']:.2f} s.")
+        L += ["", "Peak bytes held in worker memory by task prefix (MiB): " +
+              ", ".join(f"{k} {v / 2**20:,.0f}" for k, v in sorted(r["peak_worker_bytes_by_prefix"].items(),
+                                                                   key=lambda kv: -kv[1]) if v >= 2**20) + "."]
+        for run in sim["runs"]:
+            for key in ("baseline_empty", "baseline_merge_sized"):
+                b = run.get(key)
+                if b:
+                    L.append("")
+                    L.append(f"Baseline ({run['workers']} workers): {b['tasks']:,} empty tasks with a "
+                             f"{b['arg_bytes']:,}-byte "
+                             f"argument, one submit each: {b['tasks_per_s']:,.0f} tasks/s, scheduler CPU "
+                             f"{b['scheduler_cpu_per_task_ms']:.2f} ms per task, submit {b['submit_seconds']:.1f} s, "
+                             f"sequential `.result()` {b['sequential_result_ms']:.2f} ms each vs one gather of all "
+                             f"{b['batch_gather_seconds']:.2f} s.")
         L.append("")
     mo = results.get("model")
     if mo:
@@ -1258,9 +1306,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stage-nlists", type=int, nargs="+", default=[2**18, 2**20])
     p.add_argument("--merge-chunks", type=int, default=256)
     # simulate
-    p.add_argument("--sim-runs", default="0.25:32,0.25:64,1:32:0.25",
+    p.add_argument("--sim-runs", default="0.25:32,0.25:64,1:32:0.0625",
                    help="scale:workers[:shard_scale],... (scale 1: the add tasks of a 1B build; shard_scale, "
-                        "default scale: its merge tasks; 1:32:0.25 keeps a run under 15 minutes here, the merge "
+                        "default scale: its merge tasks; 1:32:0.0625 keeps a run under 15 minutes here, the merge "
                         "work growing as add tasks x merge tasks)")
     p.add_argument("--sim-chunk-rows", type=int, default=16)
     p.add_argument("--sim-nlist", type=int, default=16384)
