@@ -49,7 +49,6 @@ def collect_sample(client, source, chunks, n_sample: int, seed: int, normalize: 
     before anything is written (counting every NaN/Inf of the source when the sample holds one).
     """
     sizes = plan_sample(np.array([c.size for c in chunks], dtype=np.int64), n_sample, seed)
-    block_rows = sample_block_rows(int(sizes.sum()))
     if not full_scan:
         return _read_sample(client, source, chunks, sizes, seed, normalize, progress)
     futs = [client.submit(scan_chunk, source, c, int(size), seed, normalize, pure=False)
@@ -57,25 +56,20 @@ def collect_sample(client, source, chunks, n_sample: int, seed: int, normalize: 
     # only the small per-chunk scans travel to the client; the sample stays on the workers
     scans = wait_all([client.submit(operator.getitem, f, 0, pure=False) for f in futs], "scan", progress)
     raise_if_nonfinite(scans)
-    # consecutive chunk samples are concatenated into blocks of about block_rows rows: few,
-    # large tasks per Lloyd iteration, and a grouping that does not depend on the cluster
-    blocks, block_sizes, group, acc = [], [], [], 0
-    for i, size in enumerate(sizes):
-        if size:
-            group.append(client.submit(operator.getitem, futs[i], 1, pure=False))
-            acc += int(size)
-        if group and (acc >= block_rows or i == len(sizes) - 1):
-            blocks.append(group[0] if len(group) == 1 else client.submit(_concat, *group, pure=False))
-            block_sizes.append(acc)
-            group, acc = [], 0
-    return blocks, np.array(block_sizes, dtype=np.int64), scans
+    groups = _sample_groups(sizes)
+    blocks = []
+    for group, _ in groups:
+        parts = [client.submit(operator.getitem, futs[i], 1, pure=False) for i in group]
+        blocks.append(parts[0] if len(parts) == 1 else client.submit(_concat, *parts, pure=False))
+    return blocks, np.array([rows for _, rows in groups], dtype=np.int64), scans
 
 
-def _read_sample(client, source, chunks, sizes: np.ndarray, seed: int, normalize: bool, progress: bool):
-    """One task per run of consecutive chunks holding about ``sample_block_rows`` sample rows reads
-    only those rows: the sample blocks, as the full scan would leave them, without the pass."""
-    groups, group, acc = [], [], 0
+def _sample_groups(sizes: np.ndarray) -> list[tuple[list[int], int]]:
+    """The sample blocks: runs of consecutive chunks (those giving sample rows) holding about
+    ``sample_block_rows`` sample rows each, as (chunk indices, rows). Few, large tasks per Lloyd
+    iteration, and a grouping that does not depend on the cluster."""
     block_rows = sample_block_rows(int(sizes.sum()))
+    groups, group, acc = [], [], 0
     for i, size in enumerate(sizes):
         if size:
             group.append(i)
@@ -83,6 +77,13 @@ def _read_sample(client, source, chunks, sizes: np.ndarray, seed: int, normalize
         if group and (acc >= block_rows or i == len(sizes) - 1):
             groups.append((group, acc))
             group, acc = [], 0
+    return groups
+
+
+def _read_sample(client, source, chunks, sizes: np.ndarray, seed: int, normalize: bool, progress: bool):
+    """One task per run of consecutive chunks holding about ``sample_block_rows`` sample rows reads
+    only those rows: the sample blocks, as the full scan would leave them, without the pass."""
+    groups = _sample_groups(sizes)
     futs = [client.submit(sample_rows, source, [chunks[i] for i in g], sizes[g], seed, normalize, pure=False)
             for g, _ in groups]
     scans = wait_all([client.submit(operator.getitem, f, 0, pure=False) for f in futs], "sample", progress)
