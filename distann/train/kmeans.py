@@ -160,6 +160,17 @@ def split_empty_clusters(centroids: np.ndarray, counts: np.ndarray, rng: np.rand
     return nsplit
 
 
+def update_centroids(centroids: np.ndarray, sums: np.ndarray, counts: np.ndarray, rng: np.random.Generator,
+                     spherical: bool) -> tuple[np.ndarray, int]:
+    """One Lloyd update (a new array): the mean of every non-empty cluster, Faiss-style splitting
+    of the empty ones, then normalized when ``spherical``. Returns (centroids, clusters split)."""
+    centroids = centroids.copy()
+    nonempty = counts > 0
+    centroids[nonempty] = (sums[nonempty] / counts[nonempty, None]).astype(np.float32)
+    nsplit = split_empty_clusters(centroids, counts, rng)
+    return (_normalize(centroids) if spherical else centroids), nsplit
+
+
 def gather_rows(client, blocks, sizes: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """Rows at global sample positions (sorted), fetched from the blocks holding them."""
     positions = np.sort(positions)
@@ -240,14 +251,9 @@ def train_on_blocks(client, blocks: list, sizes: np.ndarray, k: int, *, niter: i
         if bar is not None:
             bar.set_postfix_str(f"objective {obj:.6g}", refresh=False)
             bar.update(1)
-        nonempty = counts > 0
-        centroids = centroids.copy()
-        centroids[nonempty] = (sums[nonempty] / counts[nonempty, None]).astype(np.float32)
-        nsplit = split_empty_clusters(centroids, counts, rng)
+        centroids, nsplit = update_centroids(centroids, sums, counts, rng, spherical)
         if nsplit:
             log.debug("k-means iteration %d: split %d empty cluster(s)", it + 1, nsplit)
-        if spherical:
-            centroids = _normalize(centroids)
     if bar is not None:
         bar.close()
     return KMeansResult(np.ascontiguousarray(centroids, dtype=np.float32), objective, counts, n, init, seed)
@@ -271,11 +277,7 @@ def kmeans_local(x: np.ndarray, k: int, niter: int, seed, init: np.ndarray | Non
         centroids = _normalize(centroids)
     for _ in range(niter):
         sums, counts, _ = block_stats(x, centroids, spherical, backend)
-        nonempty = counts > 0
-        centroids[nonempty] = (sums[nonempty] / counts[nonempty, None]).astype(np.float32)
-        split_empty_clusters(centroids, counts, rng)
-        if spherical:
-            centroids = _normalize(centroids)
+        centroids, _ = update_centroids(centroids, sums, counts, rng, spherical)
     return centroids
 
 

@@ -32,7 +32,7 @@ from distann.cluster import broadcast, tree_reduce
 from distann.codecs.coarse import DEFAULT_QUANTIZER_NPROBE, IVFQuantizer, level1_size
 from distann.errors import ValidationError
 from distann.train.kmeans import (MIN_POINTS_PER_CENTROID, KMeansResult, TrainingWarning, _normalize, add_stats,
-                                  aligned, kmeans_local, nearest, split_empty_clusters, train_on_blocks)
+                                  aligned, kmeans_local, nearest, train_on_blocks, update_centroids)
 
 log = logging.getLogger(__name__)
 
@@ -199,12 +199,7 @@ def train_two_level(client, blocks: list, sizes: np.ndarray, k: int, *, niter: i
         objective.append(obj)
         if it == refine_niter:
             break
-        nonempty = counts_k > 0
-        centroids = centroids.copy()
-        centroids[nonempty] = (sums[nonempty] / counts_k[nonempty, None]).astype(np.float32)
-        split_empty_clusters(centroids, counts_k, rng)
-        if spherical:
-            centroids = _normalize(centroids)
+        centroids, _ = update_centroids(centroids, sums, counts_k, rng, spherical)
     log.info("two-level k-means of %d centroids: objective %.6g", k, objective[-1])
     result = KMeansResult(centroids, objective, counts_k, int(sizes.sum()), init, seed)
     return result, quantizer
