@@ -94,8 +94,20 @@ class IVFQuantizer(FlatQuantizer):
                 or not np.array_equal(np.sort(self.members), np.arange(len(self.centroids)))):
             raise ValueError("IVFQuantizer: level-1 arrays do not describe the centroids")
         self.nprobe = check_quantizer_nprobe(nprobe, len(self.top))
+        self._derive()
+
+    def _derive(self) -> None:
         self._rows = np.ascontiguousarray(self.centroids[self.members])  # centroids grouped by level-1 list
         self._sizes = np.diff(self.offsets)
+
+    def __getstate__(self) -> dict:
+        # the grouped copy of the centroids is derived: not shipped (a broadcast to the workers
+        # would carry the centroids twice, 776 MiB instead of 388 MiB at 2^20 lists and d = 96)
+        return {k: v for k, v in self.__dict__.items() if k not in ("_rows", "_sizes")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._derive()
 
     @classmethod
     def build(cls, centroids: np.ndarray, top: np.ndarray, kmetric: str, nprobe: int, kern) -> "IVFQuantizer":
@@ -125,7 +137,7 @@ class IVFQuantizer(FlatQuantizer):
 
         x = np.ascontiguousarray(x, dtype=np.float32)
         n = len(x)
-        cq = min(self.nprobe, self.nlist1)
+        cq = self.nprobe
         D = np.empty((n, nprobe), dtype=np.float32)
         I = np.empty((n, nprobe), dtype=np.int64)
         valid = np.empty(0, dtype=np.uint8)

@@ -24,6 +24,7 @@ number ``blocks x groups`` (``docs/SCALE.md``).
 from __future__ import annotations
 
 import logging
+import operator
 import warnings
 
 import numpy as np
@@ -74,10 +75,6 @@ def plan_groups(counts: np.ndarray, ks: np.ndarray, groups: int) -> np.ndarray:
 
 # ---------------------------------------------------------------- worker-side block functions
 
-def _labels(block: np.ndarray, top: np.ndarray, spherical: bool, backend: str) -> np.ndarray:
-    return nearest(block, top, spherical, backend)
-
-
 def _count(labels: np.ndarray, nlist1: int) -> np.ndarray:
     return np.bincount(labels, minlength=nlist1).astype(np.int64)
 
@@ -119,13 +116,14 @@ def quantizer_stats(block: np.ndarray, quantizer: IVFQuantizer, spherical: bool,
     sums = np.zeros((k, d), dtype=np.float64)
     nz = np.flatnonzero(counts)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])[nz]
-    sums[nz] = np.add.reduceat(block[order].astype(np.float64), starts, axis=0)
+    x = block.astype(np.float64)
+    sums[nz] = np.add.reduceat(x[order], starts, axis=0)
     c = quantizer.centroids[labels].astype(np.float64)
     if spherical:
-        obj = float(np.einsum("ij,ij->", block.astype(np.float64), c))
+        obj = float(np.einsum("ij,ij->", x, c))
     else:
-        diff = block.astype(np.float64) - c
-        obj = float(np.einsum("ij,ij->", diff, diff))
+        x -= c
+        obj = float(np.einsum("ij,ij->", x, x))
     return sums, counts, obj
 
 
@@ -147,13 +145,13 @@ def check_two_level(nlist: int, nlist1: object, n_sample: int, quantizer_nprobe:
         raise ValidationError("nlist", nlist, f"at most the training sample size ({n_sample} vectors): a "
                                               f"two-level k-means of {nlist} lists needs at least {nlist} "
                                               "training vectors")
-    nprobe = DEFAULT_QUANTIZER_NPROBE if quantizer_nprobe is None else quantizer_nprobe
-    return nlist1, check_quantizer_nprobe(min(nprobe, nlist1) if quantizer_nprobe is None else nprobe, nlist1)
+    nprobe = min(DEFAULT_QUANTIZER_NPROBE, nlist1) if quantizer_nprobe is None else quantizer_nprobe
+    return nlist1, check_quantizer_nprobe(nprobe, nlist1)
 
 
 def train_two_level(client, blocks: list, sizes: np.ndarray, k: int, *, niter: int, spherical: bool, init: str,
-                    seed: int, nlist1: int, quantizer_nprobe: int, refine_niter: int = DEFAULT_REFINE_NITER, progress: bool = False,
-                    backend: str = "numba") -> tuple[KMeansResult, IVFQuantizer]:
+                    seed: int, nlist1: int, quantizer_nprobe: int, refine_niter: int = DEFAULT_REFINE_NITER,
+                    progress: bool = False, backend: str = "numba") -> tuple[KMeansResult, IVFQuantizer]:
     """Two-level k-means of the sample ``blocks`` (futures, ``sizes`` rows each) into ``k``
     centroids; returns the result and its ``ivf`` coarse quantizer (``nlist1`` level-1 lists,
     ``quantizer_nprobe`` probed)."""
@@ -171,7 +169,7 @@ def train_two_level(client, blocks: list, sizes: np.ndarray, k: int, *, niter: i
                              seed=seed, progress=progress, backend=backend)
     top = level1.centroids
     tf = broadcast(client, top)
-    labels = [client.submit(_labels, b, tf, spherical, backend, pure=False) for b, _ in live]
+    labels = [client.submit(nearest, b, tf, spherical, backend, pure=False) for b, _ in live]
     counts = tree_reduce(client, [client.submit(_count, f, nlist1, pure=False) for f in labels], np.add).result()
     ks = fine_counts(counts, k)
     bounds = plan_groups(counts, ks, min(MAX_GROUPS, nlist1))
@@ -181,7 +179,7 @@ def train_two_level(client, blocks: list, sizes: np.ndarray, k: int, *, niter: i
     parts = []
     for g in range(len(bounds) - 1):
         lo, hi = int(bounds[g]), int(bounds[g + 1])
-        mine = [client.submit(_piece, p, g, pure=False) for p in pieces]
+        mine = [client.submit(operator.getitem, p, g, pure=False) for p in pieces]
         parts.append(client.submit(_train_group, lo, ks[lo:hi], niter, seed, spherical, backend, *mine,
                                    pure=False))
     centroids = np.ascontiguousarray(np.concatenate(client.gather(parts)), dtype=np.float32)
@@ -203,7 +201,3 @@ def train_two_level(client, blocks: list, sizes: np.ndarray, k: int, *, niter: i
     log.info("two-level k-means of %d centroids: objective %.6g", k, objective[-1])
     result = KMeansResult(centroids, objective, counts_k, int(sizes.sum()), init, seed)
     return result, quantizer
-
-
-def _piece(pieces: list, g: int):
-    return pieces[g]
