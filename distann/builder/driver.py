@@ -31,6 +31,7 @@ from distann.builder.tasks import AddContext, add_chunk, first_duplicate, merge_
 from distann.chunks import ChunkTask, plan_chunks
 from distann.cluster import (broadcast, check_backend, check_cluster_args, check_reachable, client_context, tree_reduce,
                              wait_all)
+from distann.codecs.coarse import TWO_LEVEL_NLIST, FlatQuantizer, load_quantizer
 from distann.codecs.pipeline import CodecPipeline
 from distann.codecs.pq import PQQuantizer
 from distann.codecs.spec import parse_spec
@@ -44,10 +45,9 @@ from distann.store.readers import READERS_DIR, held_generations
 from distann.store.manifest import (FORMAT_VERSION, MANIFEST_PATH, Manifest, ShardEntry, manifest_exists,
                                     read_manifest, write_manifest)
 from distann.train.api import check_train_params, collect_sample
-from distann.train.sampling import ChunkScan, raise_if_nonfinite
-from distann.codecs.coarse import TWO_LEVEL_NLIST, FlatQuantizer, load_quantizer
 from distann.train.codec import TwoLevel, sample_size, train_pipeline
 from distann.train.kmeans import MIN_POINTS_PER_CENTROID, TrainingWarning
+from distann.train.sampling import ChunkScan, raise_if_nonfinite
 from distann.train.two_level import DEFAULT_REFINE_NITER, check_two_level
 from distann.validation import check_bool, check_metric, check_nonnegative_int, check_positive_int
 
@@ -84,8 +84,8 @@ def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2"
     Large ``nlist`` (``docs/SCALE.md``): with ``two_level`` (default: from ``nlist`` >= 16384 on)
     the coarse centroids come from a two-level k-means (``nlist1`` level-1 clusters, default
     round(sqrt(nlist)), each split into fine centroids in parallel, then ``refine_niter``
-    (default 5) Lloyd iterations of all centroids), and vectors and queries are assigned by an inverted file over
-    the centroids that searches ``quantizer_nprobe`` (default 16) level-1 lists instead of
+    (default 5) Lloyd iterations of all centroids), and vectors and queries are assigned by an
+    inverted file over the centroids that searches ``quantizer_nprobe`` (default 16) level-1 lists instead of
     comparing with every centroid (``distann.codecs.coarse``).
 
     Only one build at a time may write an index URL: a second one fails with
@@ -210,7 +210,8 @@ def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2"
                    "source_fingerprint": src.fingerprint, "ids": getattr(ids_src, "url", None),
                    "ids_column": getattr(ids_src, "column", None),
                    "niter": niter, "seed": seed, "init": init, "max_points_per_centroid": max_points_per_centroid,
-                   "n_sample": n_sample, "two_level": _levels_record(levels), "chunk_rows": chunk_rows, "shard_bytes": shard_bytes, "backend": backend,
+                   "n_sample": n_sample, "two_level": _levels_record(levels), "chunk_rows": chunk_rows,
+                   "shard_bytes": shard_bytes, "backend": backend,
                    "objective": objective, "resumed_chunks": int(skipped_chunks),
                    "resumed_shards": int(sum(m[2] for m in merged)),
                    "timings": {k: round(v, 3) for k, v in timings.items()}})
@@ -276,7 +277,8 @@ def _check_levels(nlist: int, n_sample: int, two_level: object, nlist1: object, 
     if refine_niter is not None:
         check_nonnegative_int("refine_niter", refine_niter)
     if not use:
-        for name, value in (("nlist1", nlist1), ("quantizer_nprobe", quantizer_nprobe), ("refine_niter", refine_niter)):
+        for name, value in (("nlist1", nlist1), ("quantizer_nprobe", quantizer_nprobe),
+                            ("refine_niter", refine_niter)):
             if value is not None:
                 raise ValidationError(name, value, f"None unless the build uses a two-level k-means (two_level=True, "
                                                    f"or nlist >= {TWO_LEVEL_NLIST}; this build has nlist {nlist})")
