@@ -154,7 +154,8 @@ def test_verify_covers_codec_arrays(built, tmp_path):
     raw = bytearray(books.read_bytes())
     raw[100] ^= 0x10
     books.write_bytes(bytes(raw))
-    with pytest.raises(IndexFormatError, match="quantizer/codebooks: checksum"):
+    # refused by the chunk's CRC-32C as soon as it is read (at open), before verify()'s checksum
+    with pytest.raises(IndexFormatError, match="quantizer/codebooks: chunk c/0/0/0 fails its CRC-32C checksum"):
         distann.open_index(str(dst)).verify()
 
 

@@ -459,9 +459,9 @@ def test_quantizer_array_damage_found_by_verify(built, tmp_path):
     raw = bytearray(chunk.read_bytes())
     raw[5] ^= 0x40  # one bit of one level-1 centroid
     chunk.write_bytes(bytes(raw))
-    damaged = distann.open_index(str(dst))
-    with pytest.raises(IndexFormatError, match=f"{gen}/quantizer/top: checksum"):
-        damaged.verify()
+    # the chunk's CRC-32C refuses it as soon as it is read: at open (tests/test_corruption.py)
+    with pytest.raises(IndexFormatError, match=f"{gen}/quantizer/top: chunk c/0/0 fails its CRC-32C checksum"):
+        distann.open_index(str(dst))
 
 
 def test_damaged_member_offsets_refused_at_open(built, tmp_path):
@@ -472,10 +472,12 @@ def test_damaged_member_offsets_refused_at_open(built, tmp_path):
     shutil.copytree(index.url, dst)
     gen = f"g{index.manifest.generation:06d}"
     (chunk,) = [p for p in (dst / gen / "quantizer" / "member_offsets" / "c").rglob("*") if p.is_file()]
-    raw = np.frombuffer(chunk.read_bytes(), dtype="<i8").copy()
+    raw = np.frombuffer(chunk.read_bytes()[:-4], dtype="<i8").copy()  # less the chunk's CRC-32C
     assert raw[0] == 0 and raw[NLIST1] == NLIST
     raw[0] = 1  # level-1 list 0 would lose its first centroid
-    chunk.write_bytes(raw.tobytes())
+    import google_crc32c  # a consistent chunk (valid CRC-32C): only the semantic check can refuse it
+
+    chunk.write_bytes(raw.tobytes() + np.uint32(google_crc32c.value(raw.tobytes())).tobytes())
     with pytest.raises(IndexFormatError, match="level-1 arrays do not describe the centroids"):
         distann.open_index(str(dst))
 

@@ -1,11 +1,19 @@
-"""The Zarr arrays of an index: written whole, read back with lost chunks treated as corruption.
+"""The Zarr arrays of an index: written whole, read back with lost or altered chunks treated as corruption.
 
 Zarr reads an absent chunk as the array's fill value, so a deleted chunk file inside an index
 would silently read as zeros. distann therefore writes every chunk of every array (also the
-all-zero ones: ``write_empty_chunks``), and reads committed arrays through a
-:class:`CheckedStore`, on which a chunk that is absent, or whose size is not the size of an
-uncompressed chunk, is an :class:`~distann.errors.IndexFormatError` naming the array and the
-chunk. The check costs no extra I/O: it looks at what each chunk read returned.
+all-zero ones: ``write_empty_chunks``), each ending with the CRC-32C of its bytes (Zarr v3's
+``crc32c`` codec), and reads committed arrays through a :class:`CheckedStore`, on which a chunk
+that is absent, whose size is not the size of a stored chunk, or whose bytes do not match its
+CRC-32C (a flipped bit), is an :class:`~distann.errors.IndexFormatError` naming the array and
+the chunk (and, for shard arrays, the rows and lists it holds). The check costs no extra I/O:
+it looks at what each chunk read returned. Arrays written before the checksum (no ``crc32c``
+codec) are still read, with the size check alone.
+
+Only the metadata distann writes is accepted (:func:`check_metadata`): numeric data types, the
+``bytes`` and ``crc32c`` codecs, the default ``/`` chunk keys. Anything else — a pickle, object
+or variable-length codec, which would run code or build Python objects from the index's bytes —
+is refused from the ``zarr.json`` alone, before Zarr instantiates a codec or reads a chunk.
 
 Bad chunks are not raised inside Zarr's asynchronous read (that would leave the other chunk
 reads of the same call pending); the store records them and reads them as missing, and
@@ -15,25 +23,36 @@ reads of the same call pending); the store records them and reads them as missin
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
+import google_crc32c
 import numpy as np
 import zarr
 from zarr.abc.store import ByteRequest, Store
-from zarr.core.buffer import Buffer, BufferPrototype
-from zarr.storage import WrapperStore
+from zarr.codecs import Crc32cCodec
+from zarr.core.array import AsyncArray
+from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
+from zarr.core.sync import sync
+from zarr.storage import StorePath, WrapperStore
 
 from distann.errors import IndexFormatError
 
 _METADATA_KEYS = ("zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata")
+_CODECS = ("bytes", "crc32c")  # the only codecs distann writes (crc32c since format 3's checksummed chunks)
+_DATA_TYPES = frozenset({"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+                         "float16", "float32", "float64"})
+CRC_BYTES = 4  # the crc32c codec's trailer
 
 
 def write_array(store: Store, name: str, data: np.ndarray, chunks: tuple[int, ...]) -> None:
-    """Create (or replace) array ``name`` holding ``data``, uncompressed, every chunk stored."""
+    """Create (or replace) array ``name`` holding ``data``, uncompressed, every chunk stored and
+    followed by its CRC-32C."""
     arr = zarr.create_array(store, name=name, shape=data.shape, chunks=chunks, dtype=data.dtype,
-                            compressors=None, fill_value=0, overwrite=True, config={"write_empty_chunks": True})
+                            compressors=[Crc32cCodec()], fill_value=0, overwrite=True,
+                            config={"write_empty_chunks": True})
     if data.size:
         arr[...] = data
 
@@ -53,49 +72,100 @@ def checksum(arrays: Iterable[np.ndarray]) -> str:
     return f"crc32:{crc:08x}"
 
 
+def check_metadata(doc: object, url: str, path: str) -> dict:
+    """``doc`` (an array's parsed ``zarr.json``) if it describes an array as distann writes them,
+    else IndexFormatError. Checked before Zarr sees it: a pickle, object or variable-length
+    codec or data type is refused without instantiating anything."""
+    def refuse(what: str) -> IndexFormatError:
+        return IndexFormatError(f"{url}: array {path}: its zarr.json {what}; distann reads only uncompressed "
+                                f"numeric arrays (data types {', '.join(sorted(_DATA_TYPES))}; codecs "
+                                f"{' and '.join(_CODECS)}), so it refuses this array before reading any chunk "
+                                "(an untrusted or corrupt index)")
+
+    if not isinstance(doc, dict) or doc.get("zarr_format") != 3 or doc.get("node_type") != "array":
+        raise refuse("is not Zarr v3 array metadata")
+    dtype = doc.get("data_type")
+    if not isinstance(dtype, str) or dtype not in _DATA_TYPES:
+        raise refuse(f"declares data type {json.dumps(dtype)[:80]}")
+    codecs = doc.get("codecs")
+    names = [c.get("name") if isinstance(c, dict) else c for c in codecs] if isinstance(codecs, list) else None
+    if names not in (["bytes"], ["bytes", "crc32c"]):
+        raise refuse(f"declares codecs {json.dumps(names if names is not None else codecs)[:120]}")
+    keys = doc.get("chunk_key_encoding")
+    if not (isinstance(keys, dict) and keys.get("name") == "default"
+            and (keys.get("configuration") or {}).get("separator", "/") == "/"):
+        raise refuse(f"declares chunk key encoding {json.dumps(keys)[:80]} (the checks need the default '/' keys)")
+    if doc.get("storage_transformers") or not isinstance(doc.get("chunk_grid"), dict) \
+            or doc["chunk_grid"].get("name") != "regular":
+        raise refuse("declares a storage transformer or a chunk grid other than 'regular'")
+    return doc
+
+
 class CheckedStore(WrapperStore):
-    """A read view of an index's store that records chunks read as absent or of the wrong size.
+    """A read view of an index's store that records chunks read as absent, of the wrong size,
+    or (arrays with the ``crc32c`` codec) not matching their CRC-32C.
 
     Only arrays opened through :class:`StoredArray` are checked (they register the byte size
     of their chunks); ``strict=False`` (format version 1, which did not store all-zero
     chunks) lets absent chunks read as zeros and still catches wrong-sized ones.
+
+    A bad chunk is read as absent (Zarr fills it with the fill value, and the other chunk reads
+    of the call complete) and recorded in ``bad``; :class:`StoredArray` raises once Zarr's call
+    has returned. Entries are never removed, so a thread that reads a bad chunk after another
+    one recorded it also raises: no reader is ever handed the fill value of a bad chunk.
     """
 
     def __init__(self, store: Store, url: str, strict: bool = True):
         super().__init__(store)
         self.url = url
         self.strict = strict
-        self.chunk_nbytes: dict[str, int | None] = {}  # array path -> stored chunk size (None: compressed)
+        # array path -> (stored chunk size, whether it ends with a CRC-32C)
+        self.chunk_format: dict[str, tuple[int, bool]] = {}
         self.bad: dict[str, str] = {}  # chunk key -> what is wrong with it
 
     def _with_store(self, store: Store) -> CheckedStore:
         other = type(self)(store, self.url, self.strict)
-        other.chunk_nbytes, other.bad = self.chunk_nbytes, self.bad
+        other.chunk_format, other.bad = self.chunk_format, self.bad
         return other
 
     async def get(self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None) -> Buffer | None:
         buf = await self._store.get(key, prototype, byte_range)
-        array, sep, _ = key.rpartition("/c/")  # the default v3 chunk key encoding, as distann writes
-        if not sep or array not in self.chunk_nbytes or key.endswith(_METADATA_KEYS):
+        array, sep, _ = key.rpartition("/c/")  # the default v3 chunk key encoding (check_metadata requires it)
+        if not sep or array not in self.chunk_format or key.endswith(_METADATA_KEYS):
             return buf
-        expected = self.chunk_nbytes[array]
+        expected, crc = self.chunk_format[array]
         if buf is None:
             if self.strict:
                 self.bad[key] = "is missing"
-        elif byte_range is None and expected is not None and len(buf) != expected:
+        elif byte_range is None and len(buf) != expected:
             self.bad[key] = f"has {len(buf)} bytes, expected {expected} (truncated or overwritten)"
             return None
+        elif crc and byte_range is None:
+            data = buf.as_numpy_array()
+            stored = bytes(data[-CRC_BYTES:])
+            if np.uint32(google_crc32c.value(data[:-CRC_BYTES])).tobytes() != stored:  # as Zarr's codec writes it
+                self.bad[key] = "fails its CRC-32C checksum (a flipped bit or overwritten bytes)"
+                return None
         return buf
 
 
 class StoredArray:
-    """One committed array, read by row ranges through a :class:`CheckedStore`."""
+    """One committed array, read by row ranges through a :class:`CheckedStore`.
+
+    ``where(r0, r1)``, when set by the owner (a shard reader), describes what rows ``[r0, r1)``
+    hold (``"lists 3-5 of shard s000000"``) for the error naming a bad chunk.
+    """
 
     def __init__(self, store: CheckedStore, path: str):
         self.store = store
         self.path = path
+        self.where: Callable[[int, int], str] | None = None
         try:
-            self._arr = zarr.open_array(store, path=path, mode="r", zarr_format=3)
+            raw = sync(store.get(f"{path}/zarr.json", default_buffer_prototype()))
+            if raw is None:
+                raise FileNotFoundError(path)
+            doc = check_metadata(json.loads(raw.to_bytes()), store.url, path)
+            self._arr = zarr.Array(AsyncArray(metadata=doc, store_path=StorePath(store, path)))
         except FileNotFoundError:
             raise IndexFormatError(f"{store.url}: array {path} is missing; the index is corrupt") from None
         except (KeyError, ValueError, TypeError) as exc:
@@ -104,8 +174,8 @@ class StoredArray:
         self.shape: tuple[int, ...] = tuple(self._arr.shape)
         self.dtype = np.dtype(self._arr.dtype)
         self.chunks: tuple[int, ...] = tuple(meta.chunk_grid.chunk_shape)
-        plain = all(type(c).__name__ == "BytesCodec" for c in meta.codecs)
-        store.chunk_nbytes[path] = math.prod(self.chunks) * self.dtype.itemsize if plain else None
+        crc = len(doc["codecs"]) == 2
+        store.chunk_format[path] = (math.prod(self.chunks) * self.dtype.itemsize + (CRC_BYTES if crc else 0), crc)
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -115,7 +185,7 @@ class StoredArray:
         stop = self.shape[0] if stop is None else stop
         try:
             data = self._arr[start:stop] if self.shape else self._arr[...]
-        except (ValueError, TypeError) as exc:  # a chunk a compressed array cannot decode
+        except (ValueError, TypeError) as exc:  # a chunk that cannot be decoded
             raise IndexFormatError(f"{self.store.url}: array {self.path}: rows [{start}, {stop}) cannot be "
                                    f"decoded ({exc}); the index is corrupt") from None
         self._raise_if_bad(start, stop)
@@ -126,7 +196,11 @@ class StoredArray:
         concurrently. IndexFormatError if one of those chunks is bad."""
         if len(rows) == 0:
             return np.empty((0, *self.shape[1:]), dtype=self.dtype)
-        data = self._arr.oindex[(rows,) + (slice(None),) * (len(self.shape) - 1)]
+        try:
+            data = self._arr.oindex[(rows,) + (slice(None),) * (len(self.shape) - 1)]
+        except (ValueError, TypeError) as exc:
+            raise IndexFormatError(f"{self.store.url}: array {self.path}: rows {int(rows[0])}-{int(rows[-1])} "
+                                   f"cannot be decoded ({exc}); the index is corrupt") from None
         if self.store.bad:
             self._raise_for_chunks(np.unique(rows // self.chunks[0]))
         return np.asarray(data)
@@ -142,8 +216,11 @@ class StoredArray:
             key = f"{self.path}/{self._arr.metadata.encode_chunk_key(coords)}"
             problem = self.store.bad.get(key)
             if problem is not None:
+                r0 = coords[0] * self.chunks[0] if self.shape else 0
+                r1 = min(self.shape[0], r0 + self.chunks[0]) if self.shape else 1
+                held = f": rows [{r0}, {r1})" + (f", {self.where(r0, r1)}" if self.where and r1 > r0 else "")
                 raise IndexFormatError(f"{self.store.url}: array {self.path}: chunk "
-                                       f"{self._arr.metadata.encode_chunk_key(coords)} {problem}; "
+                                       f"{self._arr.metadata.encode_chunk_key(coords)} {problem}{held}; "
                                        "the index is corrupt (rebuild it, or restore the file)")
 
 

@@ -67,16 +67,33 @@ class ShardReader:
 
     def __init__(self, store: CheckedStore, entry: ShardEntry, list_sizes: np.ndarray, raw: bool = False):
         self.entry = entry
-        self.offsets = StoredArray(store, f"{entry.path}/offsets").read()
+        offsets = StoredArray(store, f"{entry.path}/offsets")
+        offsets.where = self._lists_of_entries
+        self.offsets = offsets.read()
         self.codes = StoredArray(store, f"{entry.path}/codes")
         self.ids = StoredArray(store, f"{entry.path}/ids")
         self.raw = StoredArray(store, f"{entry.path}/raw") if raw else None
+        for arr in (self.codes, self.ids, self.raw):
+            if arr is not None:
+                arr.where = self._lists_of_rows
         nl = entry.list_stop - entry.list_start
         if (self.offsets.shape != (nl + 1,) or self.offsets[-1] != entry.ntotal
                 or self.codes.shape[0] != entry.ntotal or self.ids.shape != (entry.ntotal,)
                 or (self.raw is not None and self.raw.shape[0] != entry.ntotal)
                 or not np.array_equal(np.diff(self.offsets), list_sizes)):
             raise IndexFormatError(f"{store.url}: shard {entry.name} does not match the manifest (corrupt index)")
+
+    def _lists_of_entries(self, r0: int, r1: int) -> str:
+        """What entries [r0, r1) of ``offsets`` describe (entry i: where list list_start + i starts)."""
+        e = self.entry
+        return f"the offsets of lists {e.list_start + r0}-{min(e.list_start + r1, e.list_stop) - 1} of shard {e.name}"
+
+    def _lists_of_rows(self, r0: int, r1: int) -> str:
+        """Which lists rows [r0, r1) of ``codes`` / ``ids`` / ``raw`` belong to (for errors)."""
+        e = self.entry
+        nl = e.list_stop - e.list_start
+        first, last = (min(nl - 1, int(np.searchsorted(self.offsets, r, side="right")) - 1) for r in (r0, r1 - 1))
+        return f"lists {e.list_start + first}-{e.list_start + last} of shard {e.name}"
 
     def read(self, l0: int, l1: int) -> ListRows:
         """Lists [l0, l1) (consecutive, global list numbers) in one contiguous read per array."""
