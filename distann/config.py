@@ -34,6 +34,12 @@ key                            default      meaning
                                             buffers, GEMM blocks, streamed lists)
 ``distann.kernels.cuda.stream`` True        stream lists that do not fit the resident budget
                                             from pinned host memory (False: an error instead)
+``distann.store.protocols``    see below    fsspec protocols an index, source or output URL
+                                            may use: file (local paths), memory, s3, s3a, gs,
+                                            gcs, az, abfs, abfss; others are refused
+``distann.store.chains``       ``[]``       caching filesystems (simplecache, filecache,
+                                            blockcache) a ``::`` chained URL may put in front
+                                            of its target; empty: chained URLs are refused
 =============================  ===========  ==================================================
 
 They are set like any dask option: in a dask YAML file (``~/.config/dask/*.yaml``), with
@@ -77,7 +83,8 @@ import dask.config
 import yaml
 
 from distann.errors import ValidationError
-from distann.validation import INITS, METRICS, check_bool, check_choice, check_nonnegative_int, check_positive_int, is_int
+from distann.validation import (INITS, METRICS, check_bool, check_chains, check_choice, check_nonnegative_int,
+                                check_positive_int, check_protocols, is_int)
 
 __all__ = [
     "DEFAULTS", "get", "BuildJob", "SearchJob", "KMeansJob", "ServeJob", "DedupJob", "JOB_KINDS", "from_dict",
@@ -95,6 +102,9 @@ DEFAULTS: dict[str, Any] = {
         "bigbatch": {"chunk-rows": 65536, "range-bytes": 64 * 2**20},
         "kernels": {"backend": "numba",
                     "cuda": {"resident-bytes": "auto", "work-bytes": 512 * 2**20, "stream": True}},
+        # URLs (distann.validation.check_url): no http(s) by default (a URL given by another party
+        # would make the process fetch arbitrary addresses); chained URLs only through caches
+        "store": {"protocols": ["file", "memory", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"], "chains": []},
     }
 }
 dask.config.update_defaults(DEFAULTS)
@@ -121,6 +131,8 @@ _TUNABLE_CHECKS: dict[str, Callable[[str, object], Any]] = {
     "kernels.cuda.resident-bytes": lambda key, value: value if value == "auto" else check_nonnegative_int(key, value),
     "kernels.cuda.work-bytes": check_positive_int,
     "kernels.cuda.stream": check_bool,
+    "store.protocols": check_protocols,
+    "store.chains": check_chains,
 }
 
 

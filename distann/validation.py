@@ -128,3 +128,104 @@ def ids_mask(ids: np.ndarray, allowed: object) -> np.ndarray:
 
 def check_ids_allowed(allowed: object) -> None:
     ids_mask(np.empty(0, np.int64), allowed)
+
+
+# --------------------------------------------------------------------------- URLs and stored paths
+
+#: fsspec filesystems a chained URL (``simplecache::s3://...``) may put in front of its target:
+#: local caches of the target's files, which read nothing but what the target holds. Other
+#: chain links (``reference::``, ``zip::``, ``dir::``...) can redirect reads anywhere.
+CACHING_PROTOCOLS = ("simplecache", "filecache", "blockcache")
+
+#: storage options that make fsspec open another filesystem than the URL names
+REDIRECTING_OPTIONS = ("protocol", "target_protocol", "fo")
+
+_DOT_DOT = ("..", "%2e%2e", ".%2e", "%2e.")
+
+
+def check_protocols(key: str, value: object) -> tuple[str, ...]:
+    """The ``distann.store.protocols`` setting: protocol names (a list, or one comma-separated string)."""
+    names = [p.strip() for p in value.split(",")] if isinstance(value, str) else value
+    if not isinstance(names, (list, tuple)) or not names \
+            or not all(isinstance(p, str) and p and p.isascii() and p.replace("-", "").isalnum() for p in names):
+        raise ValidationError(key, value, "a non-empty list of fsspec protocol names, e.g. ['file', 's3']")
+    return tuple(names)
+
+
+def check_chains(key: str, value: object) -> tuple[str, ...]:
+    """The ``distann.store.chains`` setting: the caching filesystems a chained URL may use."""
+    names = [p.strip() for p in value.split(",") if p.strip()] if isinstance(value, str) else value
+    if not isinstance(names, (list, tuple)) or any(p not in CACHING_PROTOCOLS for p in names):
+        raise ValidationError(key, value, f"a list of caching filesystems among {list(CACHING_PROTOCOLS)} "
+                                          "(empty: chained URLs are refused)")
+    return tuple(names)
+
+
+def has_dot_dot(path: str) -> bool:
+    """Whether ``path`` has a ``..`` segment (also percent-encoded, as HTTP servers decode it)."""
+    return any(seg.lower() in _DOT_DOT for seg in path.replace("\\", "/").split("/"))
+
+
+def check_url(param: str, url: object, storage_options: object = None, *,
+              protocols: tuple[str, ...] | None = None, chains: tuple[str, ...] | None = None) -> str:
+    """Refuse, before any I/O, a URL that could reach outside what it names: a ``..`` segment,
+    a control character, a protocol outside ``distann.store.protocols``, a ``::`` chain whose
+    links are not caching filesystems allowed by ``distann.store.chains``, or storage options
+    that switch the filesystem (``protocol``, ``target_protocol``, ``fo``). Local paths are
+    allowed when ``file`` is. Returns ``url``."""
+    import fsspec.core
+
+    from distann import config
+
+    if not isinstance(url, str) or not url:
+        raise ValidationError(param, url, "a non-empty path or URL string")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in url):
+        raise ValidationError(param, url, "a path or URL without control characters")
+    protocols = config.get("store.protocols") if protocols is None else protocols
+    chains = config.get("store.chains") if chains is None else chains
+    *outer, target = url.split("::")
+    for link in outer:
+        name = link[:-3] if link.endswith("://") else link
+        if name not in chains:
+            allowed = f"one of {list(chains)} (distann.store.chains)" if chains else \
+                "none: chained URLs are refused unless distann.store.chains names caching filesystems " \
+                f"({', '.join(CACHING_PROTOCOLS)})"
+            raise ValidationError(param, url, f"a URL without '::' chains, or chained through a caching "
+                                              f"filesystem; link {link!r} is not allowed, allowed links: {allowed}")
+    protocol, path = fsspec.core.split_protocol(target)
+    protocol = protocol or "file"
+    if protocol not in protocols:
+        raise ValidationError(param, url, f"a local path or a URL of protocol {', '.join(protocols)} "
+                                          f"(the distann.store.protocols setting); {protocol!r} is not allowed")
+    if has_dot_dot(path):
+        raise ValidationError(param, url, "a path or URL without '..' segments (resolve it first, "
+                                          "e.g. with os.path.abspath)")
+    if storage_options is not None:
+        if not isinstance(storage_options, dict):
+            raise ValidationError("storage_options", storage_options, "a dict of fsspec options or None")
+        nested = [v for v in storage_options.values() if isinstance(v, dict)]
+        for opts in (storage_options, *nested):
+            bad = [k for k in REDIRECTING_OPTIONS if k in opts]
+            if bad:
+                raise ValidationError("storage_options", {bad[0]: opts[bad[0]]},
+                                      f"fsspec options without {', '.join(REDIRECTING_OPTIONS)}: the URL "
+                                      f"names the filesystem ({param})")
+    return url
+
+
+def check_stored_path(path: object) -> str | None:
+    """Why ``path``, named by an index's manifest, is not a path inside the index root (None if it is).
+
+    Relative, '/'-separated, no empty, '.' or '..' segments, no '://' or '::', no backslash or
+    control character: the manifest is data, and a reader opens nothing outside the index."""
+    if not isinstance(path, str) or not path:
+        return "not a non-empty string"
+    if path.startswith("/") or path.startswith("~"):
+        return "an absolute path"
+    if "://" in path or "::" in path or ":" in path.split("/")[0]:
+        return "a URL"
+    if "\\" in path or any(ord(c) < 0x20 or ord(c) == 0x7F for c in path):
+        return "a path with a backslash or a control character"
+    if has_dot_dot(path) or any(seg in ("", ".") for seg in path.split("/")):
+        return "a path with '..', '.' or empty segments"
+    return None

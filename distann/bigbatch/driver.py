@@ -136,7 +136,7 @@ def big_batch_search(index, queries, k: int | None = None, nprobe: int | None = 
     if not isinstance(out, str) or not out:
         raise ValidationError("out", out, "a non-empty path or URL for the result")
     fmt = output.output_format(out, format)
-    out_loc = Location(out, dict(storage_options or {}))
+    out_loc = Location(out, dict(storage_options or {}), "out")
     work = Location(posixpath.join(out_loc.url, WORK), dict(storage_options or {}))
     m = idx.manifest
     codec = idx.codec

@@ -49,7 +49,7 @@ from distann.train.codec import TwoLevel, sample_size, train_pipeline
 from distann.train.kmeans import MIN_POINTS_PER_CENTROID, TrainingWarning
 from distann.train.sampling import ChunkScan, raise_if_nonfinite
 from distann.train.two_level import DEFAULT_REFINE_NITER, check_two_level
-from distann.validation import check_bool, check_metric, check_nonnegative_int, check_positive_int
+from distann.validation import check_bool, check_metric, check_nonnegative_int, check_positive_int, check_url
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,7 @@ def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2"
         index_url = os.fspath(index_url)
     if not isinstance(index_url, str) or not index_url:
         raise ValidationError("index_url", index_url, "a non-empty path or URL")
+    check_url("index_url", index_url, storage_options)  # before the source is opened: no I/O for a refused URL
     src = as_source(source, column=column, storage_options=storage_options)
     ids_src = resolve_ids(ids, ids_column, src, storage_options)
     if ispec.nlist > src.n:

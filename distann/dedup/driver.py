@@ -139,7 +139,7 @@ def dedup(source, threshold: float, metric: str = "cosine", *, out: str, index=N
     if not isinstance(out, str) or not out:
         raise ValidationError("out", out, "a non-empty path or URL for the Parquet output (a folder)")
     opts = dict(storage_options or {})
-    out_loc = Location(out, opts)
+    out_loc = Location(out, opts, "out")
     work = Location(posixpath.join(out_loc.url, WORK), opts)
     key = job_key(job="dedup", source=src.fingerprint, ids=getattr(ids_src, "fingerprint", None), metric=metric,
                   threshold=threshold, index=None if idx is None else [idx.url, idx.manifest.build_key], k=k,

@@ -29,7 +29,7 @@ from distann.store.arrays import CheckedStore, StoredArray, checksum
 from distann.store.location import Location
 from distann.store.manifest import Manifest, read_manifest
 from distann.validation import (check_ids_allowed, check_k, check_max_codes, check_nonnegative_int, check_nprobe,
-                                check_positive_int, check_queries, check_radius, ids_mask)
+                                check_positive_int, check_queries, check_radius, check_url, ids_mask)
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ def open_index(url: str, *, storage_options: dict | None = None, cache_bytes: in
         url = os.fspath(url)
     if not isinstance(url, str) or not url:
         raise ValidationError("url", url, "a non-empty path or URL of an index")
+    check_url("url", url, storage_options)
     if client is not None:
         from distann.search.distributed import DistributedIndex, _check_client
 

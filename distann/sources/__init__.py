@@ -45,6 +45,7 @@ from distann.sources.base import IdSource, VectorSource
 from distann.sources.memory import ArrayIdSource, ArraySource
 from distann.sources.vecs import read_ivecs, write_bvecs, write_fvecs, write_ivecs
 from distann.store.location import absolute_url
+from distann.validation import check_url
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ def _check_args(url: object, column: object, storage_options: object, param: str
         url = os.fspath(url)
     if not isinstance(url, str) or not url:
         raise ValidationError(param, url, "need a URL or path string")
-    url = absolute_url(url)  # worker processes may run in another working directory
+    url = absolute_url(check_url(param, url))  # absolute: worker processes may run in another directory
     if column is not None and (not isinstance(column, str) or not column):
         raise ValidationError("column", column, "need a column / array name (a non-empty string) or None")
     if storage_options is not None and not isinstance(storage_options, dict):

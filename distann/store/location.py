@@ -6,6 +6,11 @@ so build tasks can carry it to worker processes and reopen it there.
 Local paths are made absolute when a Location is created (in the client), so worker processes
 with another working directory reach the same files.
 
+The URL is checked when a Location is created, before any I/O (``validation.check_url``): no
+``..`` segment, a protocol of the ``distann.store.protocols`` allowlist, ``::`` chains only
+through the caching filesystems ``distann.store.chains`` allows, no storage option that switches
+the filesystem. A Location unpickled in a worker is not checked again.
+
 Atomic writes: on a local filesystem a file is written under a temporary name and renamed
 into place (``os.replace`` is atomic); on object stores a single PUT is already atomic.
 Exclusive creation (the build's generation lease) links a complete temporary file into place
@@ -20,13 +25,15 @@ import os
 import posixpath
 import uuid
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from functools import cached_property
 from typing import Any
 
 import fsspec
 import zarr
 from zarr.storage import FsspecStore, LocalStore
+
+from distann.validation import check_url
 
 
 def absolute_url(url: str) -> str:
@@ -39,12 +46,15 @@ def absolute_url(url: str) -> str:
 
 @dataclass(frozen=True)
 class Location:
-    """A root URL plus storage options; every path below is relative to the root."""
+    """A root URL plus storage options; every path below is relative to the root. ``param``
+    names the URL in the ValidationError of a refused one."""
 
     url: str
     storage_options: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    param: InitVar[str] = "url"
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, param: str) -> None:
+        check_url(param, self.url, self.storage_options)
         object.__setattr__(self, "url", absolute_url(self.url))
 
     @cached_property

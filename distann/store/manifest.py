@@ -3,6 +3,11 @@
 Readers find every array through the manifest and never list directories. A URL without a
 manifest holds no index; a manifest with a newer format version is refused. The layout is
 documented in ``docs/FORMAT.md``; keep the two in step.
+
+A manifest is data from the store, not trusted: every path it names (arrays, shards, checksum
+keys, codec and quantizer arrays) must be a relative path inside the index root, and every
+number the type the format says, or the manifest is refused (IndexFormatError) before any array
+is read.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from typing import Any
 
 from distann.errors import IndexFormatError
 from distann.store.location import Location
+from distann.validation import check_stored_path, is_int
 
 FORMAT_NAME = "distann-ivf"
 #: 3: the codec section holds a trained pipeline (spec, transforms, quantizer, arrays under codec/).
@@ -81,6 +87,8 @@ class Manifest:
                 f"{url}: index format version {version} is newer than this distann reads "
                 f"(up to {FORMAT_VERSION}); upgrade distann")
         try:
+            if not isinstance(obj["shards"], list) or not all(isinstance(s, dict) for s in obj["shards"]):
+                raise TypeError("shards is not a list of objects")
             shards = tuple(ShardEntry(**s) for s in obj["shards"])
             fields = {k: obj[k] for k in cls.__dataclass_fields__ if k != "shards" and k in obj}
             manifest = cls(shards=shards, **fields)
@@ -89,7 +97,44 @@ class Manifest:
         manifest._check(url)
         return manifest
 
+    def paths(self) -> dict[str, object]:
+        """Every path the manifest names, keyed by where it is named (for error messages)."""
+        out: dict[str, object] = {"centroids": self.centroids, "list_sizes": self.list_sizes}
+        out.update({f"shards[{i}].path": s.path for i, s in enumerate(self.shards)})
+        out.update({f"checksums key {k!r}": k for k in self.checksums})
+        for section in ("codec", "quantizer"):
+            arrays = getattr(self, section).get("arrays", {})
+            if not isinstance(arrays, dict):
+                out[f"{section}.arrays"] = arrays
+                continue
+            out.update({f"{section}.arrays[{name!r}]": v for name, v in arrays.items()})
+        return out
+
+    def _check_types(self, url: str) -> None:
+        """Field types, checked before any value is compared or used as a path."""
+        ints = {"generation": self.generation, "d": self.d, "nlist": self.nlist, "ntotal": self.ntotal}
+        for i, s in enumerate(self.shards):
+            ints.update({f"shards[{i}].{f}": getattr(s, f) for f in ("list_start", "list_stop", "ntotal")})
+        bad = [f"{k}={v!r} (not an integer)" for k, v in ints.items() if not is_int(v)]
+        texts = {"build_key": self.build_key, "spec": self.spec, "metric": self.metric,
+                 **{f"shards[{i}].name": s.name for i, s in enumerate(self.shards)},
+                 **{f"shards[{i}].checksum": s.checksum for i, s in enumerate(self.shards)}}
+        bad += [f"{k}={v!r} (not a string)" for k, v in texts.items() if not isinstance(v, str)]
+        maps = {"codec": self.codec, "checksums": self.checksums, "build": self.build, "quantizer": self.quantizer}
+        bad += [f"{k} (not a JSON object)" for k, v in maps.items() if not isinstance(v, dict)]
+        if bad:
+            raise IndexFormatError(f"{url}: corrupt manifest: " + "; ".join(bad))
+        if self.generation < 0:
+            raise IndexFormatError(f"{url}: corrupt manifest: generation={self.generation} (negative)")
+        outside = [f"{where} = {path!r} is {why}" for where, path in self.paths().items()
+                   if (why := check_stored_path(path))]
+        if outside:
+            raise IndexFormatError(
+                f"{url}: manifest names paths outside the index root ({'; '.join(outside)}); refused before "
+                "reading them: an index names only relative paths below its root (docs/FORMAT.md)")
+
     def _check(self, url: str) -> None:
+        self._check_types(url)
         problems = []
         if self.d <= 0 or self.nlist <= 0 or self.ntotal < 0:
             problems.append(f"d={self.d}, nlist={self.nlist}, ntotal={self.ntotal}")
