@@ -43,6 +43,11 @@ class ShardsUnavailableError(DistannError):
         super().__init__(message)
 
 
+class StorageFullError(DistannError, OSError):
+    """The disk (or quota) under an index filled up while a build wrote to it (ENOSPC, EDQUOT).
+    The message names the path; nothing was committed, and a rerun resumes."""
+
+
 class DeviceMemoryError(DistannError, MemoryError):
     """The GPU could not hold what a kernel call needs (another process holds its memory, or
     lists larger than the device were asked to stay resident with streaming disabled)."""

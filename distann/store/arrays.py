@@ -22,11 +22,14 @@ reads of the same call pending); the store records them and reads them as missin
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import math
+import os
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 import google_crc32c
 import numpy as np
@@ -38,13 +41,40 @@ from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import StorePath, WrapperStore
 
-from distann.errors import IndexFormatError
+from distann.errors import IndexFormatError, StorageFullError
 
 _METADATA_KEYS = ("zarr.json", ".zarray", ".zattrs", ".zgroup", ".zmetadata")
 _CODECS = ("bytes", "crc32c")  # the only codecs distann writes (crc32c since format 3's checksummed chunks)
 _DATA_TYPES = frozenset({"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
                          "float16", "float32", "float64"})
 CRC_BYTES = 4  # the crc32c codec's trailer
+
+
+@contextmanager
+def disk_full_error(what: str, where: str) -> Iterator[None]:
+    """Turn a full disk or quota (ENOSPC, EDQUOT) met while writing ``what`` at ``where`` into a
+    StorageFullError naming them: the OSError a write raises then names no path."""
+    try:
+        yield
+    except StorageFullError:
+        raise
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise StorageFullError(exc.errno, f"{where}: {os.strerror(exc.errno)} while writing {what}; free space "
+                                          "(or raise the quota) there and rerun the same build: it resumes, "
+                                          "keeping the add and merge tasks already finished; the committed "
+                                          "index is unchanged") from exc
+
+
+def store_url(store: Store) -> str:
+    """The root of a Zarr store as a path or URL, for messages."""
+    if getattr(store, "root", None) is not None:  # LocalStore
+        return str(store.root)
+    fs, path = getattr(store, "fs", None), getattr(store, "path", "")
+    protocol = getattr(fs, "protocol", "")
+    protocol = protocol[0] if isinstance(protocol, (tuple, list)) else protocol
+    return f"{protocol}://{path}" if protocol else str(path)
 
 
 def write_array(store: Store, name: str, data: np.ndarray, chunks: tuple[int, ...]) -> None:

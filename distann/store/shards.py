@@ -20,7 +20,7 @@ import numpy as np
 from zarr.abc.store import Store
 
 from distann.errors import IndexFormatError
-from distann.store.arrays import CheckedStore, StoredArray, checksum, write_array
+from distann.store.arrays import CheckedStore, StoredArray, checksum, disk_full_error, store_url, write_array
 from distann.store.manifest import ShardEntry
 
 ARRAYS = ("offsets", "codes", "ids", "raw")
@@ -42,14 +42,14 @@ def write_shard(store: Store, path: str, offsets: np.ndarray, codes: np.ndarray,
     """Write one shard's arrays under ``path``; returns its checksum (CRC-32 over offsets, ids,
     codes and raw, in that order)."""
     n = len(ids)
-    write_array(store, f"{path}/offsets", offsets, (max(1, len(offsets)),))
-    write_array(store, f"{path}/ids", ids, (chunk_rows(n, 8),))
-    write_array(store, f"{path}/codes", codes, (chunk_rows(n, codes.shape[1] * codes.dtype.itemsize), codes.shape[1]))
-    parts = [offsets, ids, codes]
-    if raw is not None:
-        write_array(store, f"{path}/raw", raw, (chunk_rows(n, raw.shape[1] * 4), raw.shape[1]))
-        parts.append(raw)
-    return checksum(parts)
+    with disk_full_error(f"shard {path.rpartition('/')[2]}", f"{store_url(store).rstrip('/')}/{path}"):
+        write_array(store, f"{path}/offsets", offsets, (max(1, len(offsets)),))
+        write_array(store, f"{path}/ids", ids, (chunk_rows(n, 8),))
+        write_array(store, f"{path}/codes", codes,
+                    (chunk_rows(n, codes.shape[1] * codes.dtype.itemsize), codes.shape[1]))
+        if raw is not None:
+            write_array(store, f"{path}/raw", raw, (chunk_rows(n, raw.shape[1] * 4), raw.shape[1]))
+    return checksum([offsets, ids, codes] + ([raw] if raw is not None else []))
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from distann.store import layout
+from distann.store.arrays import disk_full_error
 from distann.store.location import Location
 
 
@@ -37,15 +38,18 @@ class Staging:
     def write(self, codes: np.ndarray, ids: np.ndarray, offsets: np.ndarray, raw: np.ndarray | None,
               after_codes=None) -> None:
         """Write every file, DONE last. ``after_codes`` is called between the first file and the
-        others (the resume tests' private fault hook)."""
-        self.loc.write_bytes(f"{self.base}/codes.bin", _le(codes).data)
-        if after_codes is not None:
-            after_codes()
-        self.loc.write_bytes(f"{self.base}/ids.bin", _le(ids).data)
-        if raw is not None:
-            self.loc.write_bytes(f"{self.base}/raw.bin", _le(raw).data)
-        self.loc.write_bytes(f"{self.base}/offsets.bin", _le(offsets).data)
-        self.loc.write_json(f"{self.base}/DONE", {"rows": int(len(ids))})
+        others (the resume tests' private fault hook). A full disk is a StorageFullError naming
+        the folder: the files written so far stay (without DONE) and a rerun rewrites them."""
+        with disk_full_error(f"the staging output of add task {self.base.rpartition('/')[2]}",
+                             self.loc.path(self.base)):
+            self.loc.write_bytes(f"{self.base}/codes.bin", _le(codes).data)
+            if after_codes is not None:
+                after_codes()
+            self.loc.write_bytes(f"{self.base}/ids.bin", _le(ids).data)
+            if raw is not None:
+                self.loc.write_bytes(f"{self.base}/raw.bin", _le(raw).data)
+            self.loc.write_bytes(f"{self.base}/offsets.bin", _le(offsets).data)
+            self.loc.write_json(f"{self.base}/DONE", {"rows": int(len(ids))})
 
     def offsets(self, l0: int | None = None, l1: int | None = None) -> np.ndarray:
         """The list offsets, all of them or those of lists [l0, l1) (l1 - l0 + 1 entries)."""
