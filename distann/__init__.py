@@ -32,6 +32,7 @@ _EXPORTS = {
     "IndexExistsError": "distann.errors",
     "BuildConflictError": "distann.errors",
     "ShardsUnavailableError": "distann.errors",
+    "WorkerKilledError": "distann.errors",
 }
 
 __all__ = sorted([*_EXPORTS, "build", "__version__"])
@@ -56,7 +57,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from distann.bigbatch import BigBatchResult, big_batch_search, open_result
     from distann.dedup import dedup
     from distann.errors import (BuildConflictError, DistannError, IndexExistsError, IndexFormatError,
-                                ShardsUnavailableError, ValidationError)
+                                ShardsUnavailableError, ValidationError, WorkerKilledError)
     from distann.evaluation import brute_force_knn, recall_at_k, sweep_nprobe
     from distann.search.distributed import DistributedIndex, SearchResult
     from distann.search.index import Index, open_index

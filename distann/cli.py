@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(p, "--max-body-bytes", "serve", "max_body_bytes", type=int, metavar="B")
     _opt(p, "--max-queries", "serve", "max_queries", type=int, metavar="N")
     _opt(p, "--max-k", "serve", "max_k", type=int, metavar="K")
+    _opt(p, "--rate-limit", "serve", "rate_limit", metavar="N/PERIOD")
+    _opt(p, "--tls-cert", "serve", "tls_cert", metavar="CERT.pem")
+    _opt(p, "--tls-key", "serve", "tls_key", metavar="KEY.pem")
     _opt(p, "--watch", "serve", "watch", type=float, metavar="SECONDS")
     _opt(p, "--backend", "serve", "backend", metavar="NAME")
 
@@ -165,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nprobe", type=int, default=None, metavar="P", help="inverted lists scanned per query")
     p.add_argument("--radius", type=float, default=None, metavar="R", help="range search instead of k")
     p.add_argument("--token", default=None, metavar="TOKEN", help="bearer token (default: $DISTANN_TOKEN)")
+    p.add_argument("--tls-ca", default=None, metavar="CA.pem",
+                   help="https: trust the certificates signed by this CA file (default: the system's CAs)")
     p.add_argument("--timeout-ms", type=float, default=None, metavar="MS", help="per-request deadline")
     p.add_argument("--allow-partial", action="store_true",
                    help="accept results without some shards (coverage is printed) instead of an error")
@@ -413,7 +418,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     job: config.ServeJob = _job("serve", args)
     try:
         from distann.serve.app import ServeSettings
-        from distann.serve.server import make_holder, serve
+        from distann.serve.server import check_tls, make_holder, serve
     except ImportError as exc:
         raise ValidationError("serve", f"missing package {exc.name!r}",
                               'the serve extra: pip install "distann[serve]"') from None
@@ -423,19 +428,20 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from distann.cluster import check_backend, check_cluster_args, client_context
 
     check_cluster_args(job.workers, job.scheduler)
+    check_tls(job.tls_cert, job.tls_key)  # before the cluster starts
     backend = _local_backend(job.backend)  # the coordinator quantizes and merges in this process
     distann.open_index(job.index, storage_options=job.storage_options)  # a bad URL fails before any cluster starts
     _check_port_free(job.host, job.port)
     token = job.token if job.token is not None else os.environ.get("DISTANN_TOKEN") or None
     settings = ServeSettings(batch_wait_ms=job.batch_wait_ms, max_batch=job.max_batch, deadline_ms=job.deadline_ms,
                              max_body_bytes=job.max_body_bytes, max_queries=job.max_queries, max_k=job.max_k,
-                             token=token, watch_seconds=job.watch)
+                             token=token, rate_limit=job.rate_limit, watch_seconds=job.watch)
     with client_context(job.workers, job.scheduler) as client, \
             dask.config.set({"distann.kernels.backend": backend}):  # every search of the service
         check_backend(client, backend)
         holder = make_holder(job.index, client, replicas=job.replicas, storage_options=job.storage_options)
         try:
-            serve(holder, settings, host=job.host, port=job.port)
+            serve(holder, settings, host=job.host, port=job.port, tls_cert=job.tls_cert, tls_key=job.tls_key)
         finally:
             holder.close()
     return 0
@@ -458,10 +464,15 @@ def _cmd_query(args: argparse.Namespace) -> int:
     if not re.match(r"https?://", args.url):
         raise ValidationError("URL", args.url, "the http:// or https:// address of a running distann serve")
     _check_output("--out", args.out)
-    with SearchClient(args.url, token=args.token) as service:
+    if args.tls_ca is not None and not os.path.isfile(args.tls_ca):
+        raise ValidationError("--tls-ca", args.tls_ca, "an existing PEM file of CA certificates")
+    with SearchClient(args.url, token=args.token, verify=args.tls_ca or True) as service:
         try:
             d = service.info()["d"]
         except ConnectionError as exc:
+            if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+                raise ValidationError("--tls-ca", args.tls_ca, f"a CA file that vouches for the certificate of "
+                                      f"{args.url}: {exc}") from None
             raise ValidationError("URL", args.url, f"the address of a running distann serve: {exc}") from None
         xq = _read_queries(args.queries, args.column, d)
         extra = {"timeout_ms": args.timeout_ms, "allow_partial": args.allow_partial or None}

@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from distann import config
-from distann.errors import DistannError, ValidationError
+from distann.errors import DistannError, ValidationError, WorkerKilledError
 
 if TYPE_CHECKING:  # pragma: no cover
     from distributed import Client
@@ -101,6 +101,14 @@ def _connect(scheduler: str) -> Client:
     timeout = config.get("cluster.connect-timeout")
     try:
         return Client(scheduler, timeout=timeout)
+    except TypeError as exc:
+        if "ssl_context" not in str(exc):
+            raise
+        # a tls:// scheduler and no TLS settings: Dask's Security comes from its config
+        raise ValidationError("scheduler", scheduler, "a scheduler this client has TLS settings for: set the Dask "
+                              "config distributed.comm.tls.ca-file, .client.cert and .client.key (e.g. "
+                              "DASK_DISTRIBUTED__COMM__TLS__CA_FILE=ca.pem, ..._TLS__CLIENT__CERT, "
+                              "..._TLS__CLIENT__KEY)") from None
     except (OSError, TimeoutError):
         raise ValidationError("scheduler", scheduler, f"a reachable Dask scheduler: none answered at this address "
                               f"within {timeout} s (distann.cluster.connect-timeout)") from None
@@ -217,6 +225,61 @@ def _can_read(source) -> str:
     except Exception as exc:  # noqa: BLE001 - reported to the client as the reason
         return f"{type(exc).__name__}: {exc}"
     return ""
+
+
+# --------------------------------------------------------------------------- tasks that kill their workers
+
+class TaskNames:
+    """What each task of a job is (its stage and its piece of work: "chunk c000003", "shard
+    s000001", "list range r00002"), so that a task whose workers keep dying is reported by name.
+
+    Dask retries a task whose worker process died while running it (a SIGKILL, the OOM killer,
+    a crash in native code) on another worker, and gives up after
+    ``distributed.scheduler.allowed-failures`` deaths with a bare ``KilledWorker`` naming only
+    the task's key. ``translate()`` turns that into a WorkerKilledError naming the job, the
+    stage, the piece of work, the setting and what stays unchanged; tasks never named (the
+    k-means blocks, reductions) are named by their function and the stage running them."""
+
+    def __init__(self, job: str, unchanged: str):
+        self.job = job
+        self.unchanged = unchanged
+        self.stage = "setup"
+        self.hint = ""
+        self._names: dict = {}
+
+    def enter(self, stage: str, hint: str = "") -> None:
+        """Tasks submitted from now on belong to ``stage``; ``hint``: the setting that bounds a
+        task's memory in this stage, named in the error (a worker killed for memory)."""
+        self.stage, self.hint = stage, hint
+
+    def name(self, futures: list, names) -> list:
+        """Record what each of ``futures`` is (``names``, in order); returns ``futures``."""
+        for fut, what in zip(futures, names):
+            self._names[fut.key] = (self.stage, what, self.hint)
+        return futures
+
+    @contextlib.contextmanager
+    def translate(self) -> Iterator["TaskNames"]:
+        from distributed import KilledWorker
+
+        try:
+            yield self
+        except KilledWorker as exc:
+            raise self.error(exc) from exc
+
+    def error(self, exc) -> WorkerKilledError:
+        from dask.utils import key_split
+
+        key = exc.task
+        stage, what, hint = self._names.get(key, (self.stage, f"{key_split(key)} task", self.hint))
+        last = getattr(exc.last_worker, "address", exc.last_worker)
+        tries = exc.allowed_failures + 1
+        return WorkerKilledError(
+            f"{self.job}: the {stage} stage's {what} (Dask task {key}) was given to {tries} worker process(es) "
+            f"in turn and each died while running it (killed by the operating system or a signal: out of "
+            f"memory, a crash in native code); Dask gives up after distributed.scheduler.allowed-failures = "
+            f"{exc.allowed_failures} retries. {self.unchanged}. The last worker was {last}: see its log"
+            + (f"; if the workers ran out of memory, lower {hint}" if hint else ""), stage, what, str(key))
 
 
 # --------------------------------------------------------------------------- working with futures

@@ -386,6 +386,13 @@ def _positive_real(value: object, param: str) -> float:
     return value
 
 
+def _rate_limit(value: object, param: str) -> str:
+    from distann.serve.ratelimit import parse_rate_limit
+
+    parse_rate_limit(value, param)
+    return value  # type: ignore[return-value]
+
+
 @dataclass(frozen=True)
 class ServeJob:
     """Serve an index over HTTP from a Dask cluster (``distann serve``). Fields: see their ``doc``."""
@@ -408,6 +415,12 @@ class ServeJob:
     max_body_bytes: int = _f("largest request body accepted (413 above)", _positive, 64 * 2**20)
     max_queries: int = _f("most query vectors in one request", _positive, 65536)
     max_k: int = _f("largest k a request may ask for", _positive, 1024)
+    rate_limit: str | None = _f("per-client (remote address) request rate limit, e.g. 20/second or "
+                                "50/second;600/minute (bursts of 50, 10/s sustained); over it: 429 with "
+                                "Retry-After (default: no limit)", _optional(_rate_limit), None)
+    tls_cert: str | None = _f("PEM certificate (chain) file: serve HTTPS instead of HTTP (with tls_key)",
+                              _optional(_text), None)
+    tls_key: str | None = _f("PEM private key file of tls_cert", _optional(_text), None)
     watch: float | None = _f("check for a newly committed generation every this many seconds and switch to "
                              "it once resident (default: only on POST /reload)", _optional(_positive_real), None)
     storage_options: dict[str, Any] | None = _f("fsspec options of the index URL", _optional(_options), None)

@@ -43,6 +43,19 @@ class ShardsUnavailableError(DistannError):
         super().__init__(message)
 
 
+class WorkerKilledError(DistannError):
+    """A task's worker process died every time the task ran (out of memory, a crash in native
+    code, a kill signal) until Dask gave up on it (``distributed.scheduler.allowed-failures``).
+    ``stage`` and ``task`` say what it was (e.g. "merge", "merge task of shard s000002");
+    ``key`` is its Dask key. Nothing was committed: the job's target is as it was before."""
+
+    def __init__(self, message: str, stage: str, task: str, key: str):
+        self.stage = stage
+        self.task = task
+        self.key = key
+        super().__init__(message)
+
+
 class StorageFullError(DistannError, OSError):
     """The disk (or quota) under an index filled up while a build wrote to it (ENOSPC, EDQUOT).
     The message names the path; nothing was committed, and a rerun resumes."""

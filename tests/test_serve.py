@@ -283,31 +283,62 @@ def test_reload_while_queries_run_never_mixes_generations(client, data, tmp_path
         svc.stop()
 
 
-def test_cli_serve_and_query_in_real_processes(index_url, data, expected, tmp_path):
+def _listening(pid: int) -> set[tuple[str, int]]:
+    """(address, port) of every listening TCP socket of process ``pid`` and its children."""
+    import psutil
+
+    proc = psutil.Process(pid)
+    out = set()
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            out |= {(c.laddr.ip, c.laddr.port) for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def test_cli_serve_https_on_loopback_by_default_and_query(index_url, data, expected, tmp_path):
+    """``distann serve`` with no --host, over TLS (a certificate made here): it and its embedded
+    cluster (scheduler, dashboard, nanny, worker) listen on loopback only; ``distann query`` with
+    the CA answers as local search, without it the certificate is refused."""
+    trustme = pytest.importorskip("trustme")
+    ca, cert = trustme.CA(), None
+    cert = ca.issue_cert("127.0.0.1")
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))  # key and chain in one file
     port = free_port()
     env = {**os.environ, "DISTANN_TOKEN": TOKEN}
     proc = subprocess.Popen([sys.executable, "-m", "distann.cli", "serve", index_url, "--workers", "1",
-                             "--port", str(port), "--batch-wait-ms", "1"], env=env,
+                             "--port", str(port), "--batch-wait-ms", "1", "--tls-cert", str(tmp_path / "server.pem"),
+                             "--tls-key", str(tmp_path / "server.pem")], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"https://127.0.0.1:{port}"
     try:
         deadline = time.time() + 90
         while True:
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", headers=_auth()).status_code == 200:
+                if httpx.get(url + "/health", headers=_auth(), verify=False).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() else "timeout"
             time.sleep(0.2)
+        listening = _listening(proc.pid)
+        assert ("127.0.0.1", port) in listening
+        assert len(listening) >= 4 and {ip for ip, _ in listening} <= {"127.0.0.1", "::1"}, listening
+        with pytest.raises(httpx.TransportError):  # plain HTTP on the TLS port
+            httpx.get(f"http://127.0.0.1:{port}/health", headers=_auth())
         np.save(tmp_path / "q.npy", data[1])
         out = tmp_path / "r.npz"
-        run = subprocess.run([sys.executable, "-m", "distann.cli", "query", f"http://127.0.0.1:{port}",
-                              str(tmp_path / "q.npy"), "--out", str(out), "--k", "10", "--nprobe", "8"],
-                             env=env, capture_output=True, text=True, timeout=120)
+        query = [sys.executable, "-m", "distann.cli", "query", url, str(tmp_path / "q.npy"), "--out", str(out),
+                 "--k", "10", "--nprobe", "8"]
+        run = subprocess.run([*query, "--tls-ca", str(tmp_path / "ca.pem")], env=env, capture_output=True, text=True,
+                             timeout=120)
         assert run.returncode == 0, run.stderr
         np.testing.assert_array_equal(np.load(out)["I"], expected[1])
-        denied = subprocess.run([sys.executable, "-m", "distann.cli", "query", f"http://127.0.0.1:{port}",
-                                 str(tmp_path / "q.npy"), "--out", str(out), "--token", "wrong"],
+        untrusted = subprocess.run(query, env=env, capture_output=True, text=True, timeout=120)
+        assert untrusted.returncode == 2 and "CERTIFICATE_VERIFY_FAILED" in untrusted.stderr
+        denied = subprocess.run([*query, "--tls-ca", str(tmp_path / "ca.pem"), "--token", "wrong"],
                                 capture_output=True, text=True, timeout=120)
         assert denied.returncode == 2 and "401" in denied.stderr
     finally:
@@ -320,6 +351,10 @@ def test_cli_serve_and_query_in_real_processes(index_url, data, expected, tmp_pa
     (["serve", "{index}", "--scheduler", "tcp://127.0.0.1:9"], "tcp://127.0.0.1:9"),
     (["serve", "{index}", "--port", "70000"], "--port"),
     (["serve", "{index}", "--batch-wait-ms", "-1"], "--batch-wait-ms"),
+    (["serve", "{index}", "--tls-cert", "{index}/manifest.json"], "--tls-key"),
+    (["serve", "{index}", "--tls-cert", "{tmp}/none.pem", "--tls-key", "{tmp}/none.pem"], "--tls-cert"),
+    (["serve", "{index}", "--rate-limit", "lots"], "--rate-limit"),
+    (["query", "https://127.0.0.1:9", "{index}", "--out", "{tmp}/r.npz", "--tls-ca", "{tmp}/none.pem"], "--tls-ca"),
     (["query", "ftp://x", "{index}", "--out", "{tmp}/r.npz"], "URL"),
     (["query", "http://127.0.0.1:9", "{index}", "--out", "{tmp}/r.npz"], "running distann serve"),
 ])

@@ -9,6 +9,7 @@ skips the task: tasks are idempotent, which Dask requires (it may run a task twi
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,10 +30,21 @@ class InjectedFault(RuntimeError):
 
 
 def _maybe_fail(stage: str, name: str) -> None:
-    # Private test hook: DISTANN_FAIL_TASK="add:c000002" makes that task fail after writing
-    # part of its output (a crash partway). Not part of any public signature.
+    # Private test hooks: DISTANN_FAIL_TASK="add:c000002" makes that task fail after writing
+    # part of its output (a crash partway); DISTANN_KILL_TASK="add:c000002" makes it SIGKILL its
+    # own worker process there instead (a real kill: tests/test_faults.py), every time, or only
+    # once in all when DISTANN_KILL_ONCE names a marker file it may create. Not part of any
+    # public signature.
     if os.environ.get("DISTANN_FAIL_TASK") == f"{stage}:{name}":
         raise InjectedFault(f"injected failure in {stage} task {name}")
+    if os.environ.get("DISTANN_KILL_TASK") == f"{stage}:{name}":
+        once = os.environ.get("DISTANN_KILL_ONCE")
+        if once:
+            try:
+                os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ Endpoints (OpenAPI description at ``/openapi.json``, browsable at ``/docs``):
 
 Every request is validated before it joins a micro-batch (4xx with the parameter named, the
 other requests unaffected). Nothing a client sends is unpickled: bodies are JSON or raw float32.
-A bearer token, when configured, is required on every request, documentation included.
+A bearer token, when configured, is required on every request, documentation included; a
+per-client rate limit, when configured, answers 429 with ``Retry-After`` (:mod:`.ratelimit`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from distann.errors import DistannError, IndexFormatError, ShardsUnavailableErro
 from distann.serve.batcher import MicroBatcher
 from distann.serve.holder import IndexHolder
 from distann.serve.metrics import ServiceMetrics
+from distann.serve.ratelimit import RateLimit
 from distann.validation import (check_k, check_max_codes, check_nprobe, check_positive_int, check_queries,
                                 check_radius)
 
@@ -56,6 +58,7 @@ class ServeSettings:
     max_queries: int = 65_536
     max_k: int = 1024
     token: str | None = None
+    rate_limit: str | None = None  # per client address, in the limits package's notation ("20/second")
     watch_seconds: float | None = None
     inflight_batches: int = 2
 
@@ -237,6 +240,14 @@ def create_app(holder: IndexHolder, settings: ServeSettings | None = None) -> Fa
 
     if settings.token:
         app.add_middleware(_BearerToken, token=settings.token)
+    if settings.rate_limit:  # added last: the outermost layer, so unauthenticated floods are limited too
+        endpoints = {"search", "range_search", "health", "info", "reload", "metrics"}
+
+        def limited(path: str) -> None:
+            name = path.strip("/")
+            metrics.request(name if name in endpoints else "other", 429, 0.0)  # no label per unknown path
+
+        app.add_middleware(RateLimit, rate=settings.rate_limit, on_limited=limited)
     return app
 
 

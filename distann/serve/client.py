@@ -7,13 +7,28 @@ body and come back raw, which avoids formatting and parsing millions of decimal 
 from __future__ import annotations
 
 import os
+import ssl
 from typing import Any
 
 import numpy as np
 
-from distann.errors import DistannError
+from distann.errors import DistannError, ValidationError
 
 RAW = "application/octet-stream"
+
+
+def _ssl_context(verify: object) -> bool | ssl.SSLContext:
+    """What httpx takes as ``verify`` (it deprecates CA file paths there: they become a context)."""
+    if isinstance(verify, (bool, ssl.SSLContext)):
+        return verify
+    if isinstance(verify, (str, os.PathLike)):
+        if not os.path.isfile(verify):
+            raise ValidationError("verify", verify, "an existing PEM file of CA certificates, True or False")
+        try:
+            return ssl.create_default_context(cafile=os.fspath(verify))
+        except ssl.SSLError as exc:
+            raise ValidationError("verify", verify, f"a PEM file of CA certificates: {exc.reason or exc}") from None
+    raise ValidationError("verify", verify, "True, False, a CA file path or an ssl.SSLContext")
 
 
 class ServiceError(DistannError):
@@ -31,16 +46,21 @@ class ServiceUnreachableError(DistannError, ConnectionError):
 
 
 class SearchClient:
-    """``SearchClient("http://127.0.0.1:8000", token=...)``; the token defaults to ``$DISTANN_TOKEN``."""
+    """``SearchClient("http://127.0.0.1:8000", token=...)``; the token defaults to ``$DISTANN_TOKEN``.
 
-    def __init__(self, url: str, token: str | None = None, timeout: float = 60.0, raw_above: int = 16384):
+    ``verify`` (https only): True checks the server's certificate against the system's CAs, a
+    path trusts the CA certificates in that PEM file (a self-signed service's own certificate
+    or its CA), an ``ssl.SSLContext`` is used as it is; False skips the check (tests only)."""
+
+    def __init__(self, url: str, token: str | None = None, timeout: float = 60.0, raw_above: int = 16384,
+                 verify: bool | str | os.PathLike | ssl.SSLContext = True):
         import httpx
 
         token = token if token is not None else os.environ.get("DISTANN_TOKEN")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.url = url.rstrip("/")
         self.raw_above = raw_above
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, verify=_ssl_context(verify))
 
     def close(self) -> None:
         self._http.close()
