@@ -62,6 +62,31 @@ def _opt(p: argparse.ArgumentParser, flag: str, kind: str, name: str, **kw: Any)
     p.add_argument(flag, dest=name, default=None, help=doc.replace("%", "%%"), **kw)
 
 
+def _json_object(text: str) -> dict[str, Any]:
+    """``--storage-options``: a JSON object of fsspec options (argparse reports the error, naming the option)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"must be a JSON object of fsspec options, e.g. "
+                                         f"'{{\"anon\": true}}'; got {text!r} ({exc})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object of fsspec options, got {type(value).__name__} "
+                                         f"{text!r}")
+    return value
+
+
+_STORAGE_HELP = ("fsspec options of the URLs, as a JSON object, e.g. "
+                 "'{\"key\": ..., \"secret\": ..., \"client_kwargs\": {\"endpoint_url\": ...}}'")
+
+
+def _storage_opt(p: argparse.ArgumentParser, kind: str | None = None) -> None:
+    """``--storage-options JSON``: the job field ``storage_options`` of ``kind``, or a plain option."""
+    if kind is not None:
+        _opt(p, "--storage-options", kind, "storage_options", type=_json_object, metavar="JSON")
+    else:
+        p.add_argument("--storage-options", type=_json_object, default=None, metavar="JSON", help=_STORAGE_HELP)
+
+
 def _cluster_opts(p: argparse.ArgumentParser, kind: str) -> None:
     group = p.add_mutually_exclusive_group()
     _opt(group, "--workers", kind, "workers", type=int, metavar="N")  # type: ignore[arg-type]
@@ -93,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(p, "--chunk-rows", "build", "chunk_rows", type=int, metavar="N")
     _opt(p, "--shard-bytes", "build", "shard_bytes", type=int, metavar="N")
     _opt(p, "--backend", "build", "backend", metavar="NAME")
+    _storage_opt(p, "build")
     _opt(p, "--two-level", "build", "two_level", action=argparse.BooleanOptionalAction)
     _opt(p, "--nlist1", "build", "nlist1", type=int, metavar="N")
     _opt(p, "--quantizer-nprobe", "build", "quantizer_nprobe", type=int, metavar="P")
@@ -119,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(p, "--chunk-rows", "search", "chunk_rows", type=int, metavar="N")
     _opt(p, "--overwrite", "search", "overwrite", action="store_true")
     _opt(p, "--backend", "search", "backend", metavar="NAME")
+    _storage_opt(p, "search")
 
     p = sub.add_parser("dedup", parents=[common], help="find near-duplicate groups; write a Parquet table and a summary")
     p.add_argument("source", nargs="?", help="URL of the vectors (or `source` in the config)")
@@ -138,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     _cluster_opts(p, "dedup")
     _opt(p, "--overwrite", "dedup", "overwrite", action="store_true")
     _opt(p, "--backend", "dedup", "backend", metavar="NAME")
+    _storage_opt(p, "dedup")
 
     p = sub.add_parser("serve", parents=[common], help="serve an index over HTTP from a Dask cluster")
     p.add_argument("index", nargs="?", help="URL of the index (or `index` in the config)")
@@ -158,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(p, "--tls-key", "serve", "tls_key", metavar="KEY.pem")
     _opt(p, "--watch", "serve", "watch", type=float, metavar="SECONDS")
     _opt(p, "--backend", "serve", "backend", metavar="NAME")
+    _storage_opt(p, "serve")
 
     p = sub.add_parser("query", parents=[common], help="search a running search service, write D and I to an .npz")
     p.add_argument("url", help="address of the service, e.g. http://127.0.0.1:8000")
@@ -173,13 +202,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout-ms", type=float, default=None, metavar="MS", help="per-request deadline")
     p.add_argument("--allow-partial", action="store_true",
                    help="accept results without some shards (coverage is printed) instead of an error")
+    _storage_opt(p)
 
     p = sub.add_parser("verify", parents=[common],
                        help="read every array of an index and check it against the manifest's checksums")
     p.add_argument("index", help="URL of the index")
+    _storage_opt(p)
 
     p = sub.add_parser("info", parents=[common], help="print the summary of an index as JSON")
     p.add_argument("index", help="URL of the index")
+    _storage_opt(p)
 
     p = sub.add_parser("kmeans", parents=[common], help="distributed k-means, write the centroids as .npy")
     p.add_argument("source", nargs="?", help="URL of the vectors (or `source` in the config)")
@@ -194,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(p, "--column", "kmeans", "column", metavar="C")
     _cluster_opts(p, "kmeans")
     _opt(p, "--backend", "kmeans", "backend", metavar="NAME")
+    _storage_opt(p, "kmeans")
 
     p = sub.add_parser("eval", parents=[common], help="recall@k and QPS of an index over several nprobe")
     p.add_argument("index", help="URL of the index")
@@ -216,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default=None, metavar="NAME",
                    help="kernel backend of the searches: numba (CPU), numpy (the reference) or cuda (GPU: pip "
                         "install 'distann[gpu]'); default: the distann.kernels.backend setting")
+    _storage_opt(p)
 
     p = sub.add_parser("backends", parents=[common],
                        help="print as JSON which kernel backends (numba, numpy, cuda) can run here, or why not")
@@ -322,13 +356,13 @@ def _save(url: str, writer: Any, storage_options: Mapping[str, Any] | None = Non
         writer(fh)
 
 
-def _read_queries(url: str, column: str | None, d: int) -> np.ndarray:
+def _read_queries(url: str, column: str | None, d: int, storage_options: dict | None = None) -> np.ndarray:
     """The queries of the file at ``url``, under the same dtype rule as Index.search."""
     from distann.validation import check_query_dtype
     from distann.sources import open_source
 
     try:
-        src = open_source(url, column=column)
+        src = open_source(url, column=column, storage_options=storage_options)
     except ValidationError as exc:
         raise ValidationError("QUERIES" if exc.param == "source" else exc.param, exc.received, exc.allowed) from None
     check_query_dtype(src.dtype, "QUERIES", f"{url} of dtype {src.dtype}")
@@ -349,7 +383,7 @@ def _cmd_big_batch(job: config.SearchJob, args: argparse.Namespace) -> int:
         out=job.out, format=job.format, overwrite=job.overwrite, max_codes=job.max_codes, k_factor=job.k_factor,
         column=job.column, query_ids_column=job.query_ids_column, exclude_self=job.exclude_self,
         chunk_rows=job.chunk_rows, workers=job.workers, scheduler=job.scheduler, progress=_progress(args),
-        backend=job.backend)
+        backend=job.backend, storage_options=job.storage_options)
     log.info("result: %r", result)
     return 0
 
@@ -369,21 +403,23 @@ def _cmd_search(args: argparse.Namespace) -> int:
     for name in ("exclude_self", "overwrite"):
         if getattr(job, name):
             raise ValidationError(_flag("search", name), True, "only with --big-batch")
-    _check_output("--out", job.out)
+    opts = job.storage_options
+    _check_output("--out", job.out, opts)
     distributed = job.workers is not None or job.scheduler is not None
     if distributed:
         check_cluster_args(job.workers, job.scheduler)
     elif job.replicas != 1:
         raise ValidationError("--replicas", job.replicas, "1 unless --workers or --scheduler is given")
     backend = _local_backend(job.backend)  # this process quantizes the queries and merges, in any case
-    index = distann.open_index(job.index)
-    xq = _read_queries(job.queries, job.column, index.d)
+    index = distann.open_index(job.index, storage_options=opts)
+    xq = _read_queries(job.queries, job.column, index.d, opts)
     settings = {} if job.batch_size is None else {"distann.search.batch-size": job.batch_size}
     with dask.config.set(settings), contextlib.ExitStack() as stack:
         if distributed:
             client = stack.enter_context(client_context(job.workers, job.scheduler))
             check_backend(client, backend)  # before the shards are loaded onto the workers
-            index = stack.enter_context(distann.open_index(job.index, client=client, replicas=job.replicas))
+            index = stack.enter_context(distann.open_index(job.index, client=client, replicas=job.replicas,
+                                                           storage_options=opts))
         t0 = time.perf_counter()
         if job.radius is None:
             D, I = index.search(xq, k=job.k, nprobe=job.nprobe, max_codes=job.max_codes, k_factor=job.k_factor,
@@ -394,7 +430,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
                                             backend=backend)
             arrays = {"lims": lims, "D": D, "I": I}
         elapsed = time.perf_counter() - t0
-    _save(job.out, lambda fh: np.savez(fh, **arrays))
+    _save(job.out, lambda fh: np.savez(fh, **arrays), opts)
     what = f"k={job.k}" if job.radius is None else f"radius={job.radius:g} ({len(I)} results)"
     log.info("searched %d queries, %s, nprobe=%d in %.2f s (%.0f QPS); wrote %s",
              len(xq), what, job.nprobe, elapsed, len(xq) / max(elapsed, 1e-9), job.out)
@@ -463,7 +499,7 @@ def _cmd_query(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise
     if not re.match(r"https?://", args.url):
         raise ValidationError("URL", args.url, "the http:// or https:// address of a running distann serve")
-    _check_output("--out", args.out)
+    _check_output("--out", args.out, args.storage_options)
     if args.tls_ca is not None and not os.path.isfile(args.tls_ca):
         raise ValidationError("--tls-ca", args.tls_ca, "an existing PEM file of CA certificates")
     with SearchClient(args.url, token=args.token, verify=args.tls_ca or True) as service:
@@ -474,7 +510,7 @@ def _cmd_query(args: argparse.Namespace) -> int:
                 raise ValidationError("--tls-ca", args.tls_ca, f"a CA file that vouches for the certificate of "
                                       f"{args.url}: {exc}") from None
             raise ValidationError("URL", args.url, f"the address of a running distann serve: {exc}") from None
-        xq = _read_queries(args.queries, args.column, d)
+        xq = _read_queries(args.queries, args.column, d, args.storage_options)
         extra = {"timeout_ms": args.timeout_ms, "allow_partial": args.allow_partial or None}
         t0 = time.perf_counter()
         if args.radius is None:
@@ -485,7 +521,7 @@ def _cmd_query(args: argparse.Namespace) -> int:
             lims, D, I = service.range_search(xq, args.radius, nprobe=args.nprobe, **extra)
             arrays, coverage = {"lims": lims, "D": D, "I": I}, None
         elapsed = time.perf_counter() - t0
-    _save(args.out, lambda fh: np.savez(fh, **arrays))
+    _save(args.out, lambda fh: np.savez(fh, **arrays), args.storage_options)
     log.info("queried %s: %d queries in %.2f s (%.0f QPS)%s; wrote %s", args.url, len(xq), elapsed,
              len(xq) / max(elapsed, 1e-9), "" if coverage in (None, 1.0) else f", coverage {coverage:.3f}", args.out)
     return 0
@@ -494,7 +530,7 @@ def _cmd_query(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     import distann
 
-    index = distann.open_index(args.index)
+    index = distann.open_index(args.index, storage_options=args.storage_options)
     t0 = time.perf_counter()
     report = index.verify()
     nshard = report["shards"]
@@ -507,7 +543,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _cmd_info(args: argparse.Namespace) -> int:
     import distann
 
-    index = distann.open_index(args.index)
+    index = distann.open_index(args.index, storage_options=args.storage_options)
     print(json.dumps(index.info(), indent=2, default=str))
     return 0
 
@@ -534,14 +570,14 @@ def _cmd_kmeans(args: argparse.Namespace) -> int:
     return 0
 
 
-def read_ground_truth(url: str) -> np.ndarray:
+def read_ground_truth(url: str, storage_options: dict | None = None) -> np.ndarray:
     """Ground-truth ids from an ``.npy`` (nq, k) or an ``.ivecs`` file, as int64."""
     import fsspec
 
     if not url.endswith((".npy", ".ivecs")):
         raise ValidationError("--gt", url, "must be an .npy or .ivecs file")
     try:
-        with fsspec.open(url, "rb") as fh:
+        with fsspec.open(url, "rb", **(storage_options or {})) as fh:
             raw = fh.read()
     except (FileNotFoundError, IsADirectoryError):
         raise ValidationError("--gt", url, "must be an existing file") from None
@@ -572,12 +608,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise ValidationError(name, value, "must be a positive integer")
     backend = _local_backend(args.backend)
-    index = distann.open_index(args.index)
+    index = distann.open_index(args.index, storage_options=args.storage_options)
     for nprobe in args.nprobe:
         if not 1 <= nprobe <= index.nlist:
             raise ValidationError("--nprobe", nprobe, f"values in [1, nlist={index.nlist}]")
-    xq = _read_queries(args.queries, args.column, index.d)
-    gt = read_ground_truth(args.gt)
+    xq = _read_queries(args.queries, args.column, index.d, args.storage_options)
+    gt = read_ground_truth(args.gt, args.storage_options)
     if gt.shape[0] != len(xq) or gt.shape[1] < args.k:
         raise ValidationError("--gt", f"array of shape {gt.shape}", f"must have one row per query ({len(xq)}) "
                                                                     f"and at least k={args.k} columns")

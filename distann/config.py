@@ -304,6 +304,8 @@ class SearchJob:
     chunk_rows: int | None = _f("big-batch: queries per task (default: distann.bigbatch.chunk-rows)",
                                 _optional(_positive), None)
     overwrite: bool = _f("big-batch: replace an existing result at out", _flag, False)
+    storage_options: dict[str, Any] | None = _f("fsspec options of the index, queries and out URLs",
+                                                _optional(_options), None)
     backend: str | None = _f(_BACKEND + "; runs in this process (plus the shard scans on the workers, checked "
                              "first, with workers or scheduler); with big_batch only on the workers (checked "
                              "first)", _optional(_backend), None)

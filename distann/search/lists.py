@@ -15,6 +15,7 @@ so the cache and a resident index take the compressed size, not the float32 size
 from __future__ import annotations
 
 import logging
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -42,7 +43,38 @@ class ReadStats:
     read_lists: set[int] = field(default_factory=set)
 
 
+def _slices(shard: ShardReader, lists: np.ndarray) -> list[tuple[int, int]] | None:
+    """List ranges ``[l0, l1)`` covering ``lists`` (ascending, of ``shard``) whose slice reads
+    fetch every chunk they touch once, or None when only a gather can (two runs sharing a chunk
+    of one array but not of another).
+
+    Runs of consecutive lists are merged when the rows between them lie in chunks the two runs
+    read anyway (in every array): the merged slice reads no extra chunk and no chunk twice."""
+    base = shard.entry.list_start
+    breaks = np.flatnonzero(np.diff(lists) != 1) + 1
+    starts = lists[np.r_[0, breaks]] - base
+    stops = lists[np.r_[breaks - 1, len(lists) - 1]] + 1 - base
+    first, last = shard.offsets[starts], shard.offsets[stops] - 1  # rows of each run (runs are non-empty)
+    rows_per_chunk = [a.chunks[0] for a in (shard.codes, shard.ids, shard.raw) if a is not None]
+    # per array and pair of neighbouring runs: chunks from the last of one run to the first of the next
+    gaps = np.array([first[1:] // c - last[:-1] // c for c in rows_per_chunk]).reshape(len(rows_per_chunk), -1)
+    merge = (gaps <= 1).all(axis=0)
+    if (gaps[:, ~merge] == 0).any():
+        return None
+    keep = np.r_[0, np.flatnonzero(~merge) + 1]
+    return [(int(starts[a]) + base, int(stops[b]) + base)
+            for a, b in zip(keep, np.r_[keep[1:] - 1, len(starts) - 1])]
+
+
 class ListStore:
+    """The probed lists of searches, through an LRU cache of ``cache_bytes``, or all of them resident.
+
+    Thread-safe: any number of threads may search one opened index at once. One lock guards
+    the cache, its byte count and ``stats`` (held for dictionary updates only, never during a
+    read); shard readers are opened and the index made resident once, however many threads ask.
+    Two threads missing the same list may both read it; the cache keeps one copy.
+    """
+
     def __init__(self, store: CheckedStore, manifest: Manifest, list_sizes: np.ndarray, row_bytes: int,
                  cache_bytes: int, raw: bool = False):
         self.store = store
@@ -56,6 +88,9 @@ class ListStore:
         self._shards: dict[int, ShardReader] = {}
         self._cache: OrderedDict[int, ListRows] = OrderedDict()
         self._cached_bytes = 0
+        self._lock = threading.Lock()  # the cache, _cached_bytes, stats
+        self._open_lock = threading.Lock()  # opening shard readers
+        self._load_lock = threading.Lock()  # load_all
         self.resident: ListBlock | None = None
         self.global_offsets = np.zeros(len(list_sizes) + 1, dtype=np.int64)
         np.cumsum(list_sizes, out=self.global_offsets[1:])
@@ -66,34 +101,46 @@ class ListStore:
         return int(self.global_offsets[-1]) * self.row_bytes
 
     def shard(self, s: int) -> ShardReader:
-        if s not in self._shards:
-            entry = self.manifest.shards[s]
-            self._shards[s] = ShardReader(self.store, entry, self.list_sizes[entry.list_start:entry.list_stop],
-                                          raw=self.raw)
-        return self._shards[s]
+        reader = self._shards.get(s)
+        if reader is None:
+            with self._open_lock:
+                reader = self._shards.get(s)
+                if reader is None:
+                    entry = self.manifest.shards[s]
+                    reader = ShardReader(self.store, entry, self.list_sizes[entry.list_start:entry.list_stop],
+                                         raw=self.raw)
+                    self._shards[s] = reader
+        return reader
 
     def _read_shard(self, s: int, lists: list[int]) -> list[tuple[int, ListRows]]:
-        """Lists ``lists`` (ascending) of shard ``s``. A few runs of consecutive lists are read
-        as one slice each; many scattered lists (a small batch) as one gather of their rows, in
-        which Zarr fetches each chunk once, concurrently (measured faster than a slice per run
-        once there are more than a handful)."""
-        breaks = np.flatnonzero(np.diff(lists) != 1) + 1
-        if len(breaks) < _MAX_SLICES:
-            runs = [self.shard(s).read(int(r[0]), int(r[-1]) + 1) for r in np.split(np.asarray(lists), breaks)]
+        """Lists ``lists`` (ascending) of shard ``s``, each chunk they touch read once (on an object
+        store, one GET per chunk). A few runs of consecutive lists are read as one slice each;
+        many scattered lists (a small batch), or runs that would share a chunk, as one gather of
+        their rows, in which Zarr fetches each chunk once, concurrently (measured faster than a
+        slice per run once there are more than a handful)."""
+        shard = self.shard(s)
+        slices = _slices(shard, np.asarray(lists, dtype=np.int64))
+        if slices is not None and len(slices) < _MAX_SLICES:
+            reads = [(np.arange(l0, l1), shard.read(l0, l1)) for l0, l1 in slices]
         else:
-            runs = [self.shard(s).read_lists(np.asarray(lists, dtype=np.int64))]
-        self.stats.reads += len(runs)
+            reads = [(np.asarray(lists), shard.read_lists(np.asarray(lists, dtype=np.int64)))]
+        wanted = set(lists)
         out = []
-        it = iter(lists)
-        for rows in runs:
-            for i in range(len(rows.offsets) - 1):
-                lst = next(it)
+        for covered, rows in reads:
+            # a slice that also holds unprobed lists is cut into copies: the cache keeps no unprobed rows alive
+            copy = len(covered) > np.isin(covered, lists).sum()
+            for i, lst in enumerate(covered.tolist()):
+                if lst not in wanted:
+                    continue
                 a, b = int(rows.offsets[i]), int(rows.offsets[i + 1])
-                raw = rows.raw[a:b] if rows.raw is not None else None
-                out.append((lst, ListRows(rows.codes[a:b], rows.ids[a:b], np.array([0, b - a], np.int64), raw)))
-                self.stats.lists_read += 1
-                self.stats.vectors_read += b - a
-                self.stats.read_lists.add(lst)
+                codes, ids, raw = (None if x is None else x[a:b].copy() if copy else x[a:b]
+                                   for x in (rows.codes, rows.ids, rows.raw))
+                out.append((lst, ListRows(codes, ids, np.array([0, b - a], np.int64), raw)))
+        with self._lock:
+            self.stats.reads += len(reads)
+            self.stats.lists_read += len(out)
+            self.stats.vectors_read += sum(len(rows.ids) for _, rows in out)
+            self.stats.read_lists.update(lst for lst, _ in out)
         return out
 
     def fetch(self, lists: np.ndarray) -> ListBlock:
@@ -104,20 +151,23 @@ class ListStore:
         """
         got: dict[int, ListRows] = {}
         missing = []
-        for lst in lists.tolist():
-            hit = self._cache.get(lst)
-            if hit is not None:
-                self._cache.move_to_end(lst)
-                got[lst] = hit
-                self.stats.cache_hits += 1
-            elif self.list_sizes[lst] > 0:
-                missing.append(lst)
+        with self._lock:
+            for lst in lists.tolist():
+                hit = self._cache.get(lst)
+                if hit is not None:
+                    self._cache.move_to_end(lst)
+                    got[lst] = hit
+                    self.stats.cache_hits += 1
+                elif self.list_sizes[lst] > 0:
+                    missing.append(lst)
         if missing:
             shard_of = np.searchsorted(self.shard_starts, missing, side="right") - 1
             for s in np.unique(shard_of):
-                for lst, rows in self._read_shard(int(s), [m for m, t in zip(missing, shard_of) if t == s]):
-                    got[lst] = rows
-                    self._remember(lst, rows)
+                read = self._read_shard(int(s), [m for m, t in zip(missing, shard_of) if t == s])
+                got.update(read)
+                with self._lock:
+                    for lst, rows in read:
+                        self._remember(lst, rows)
         parts = [got[lst] for lst in lists.tolist() if lst in got]
         sizes = np.array([len(got[lst].ids) if lst in got else 0 for lst in lists.tolist()], dtype=np.int64)
         offsets = np.zeros(len(lists) + 1, dtype=np.int64)
@@ -136,8 +186,9 @@ class ListStore:
         return codes, ids, raw
 
     def _remember(self, lst: int, rows: ListRows) -> None:
+        """Cache ``rows`` as list ``lst`` (the caller holds ``_lock``)."""
         size = len(rows.ids) * self.row_bytes
-        if size > self.cache_bytes:
+        if size > self.cache_bytes or lst in self._cache:  # another thread read it too
             return
         self._cache[lst] = rows
         self._cached_bytes += size
@@ -146,17 +197,19 @@ class ListStore:
             self._cached_bytes -= len(old.ids) * self.row_bytes
 
     def load_all(self) -> ListBlock:
-        """Make the whole index resident: one block of every list, in list order."""
+        """Make the whole index resident: one block of every list, in list order (read once,
+        however many threads ask at the same time)."""
         if self.resident is None:
-            parts = []
-            for s, entry in enumerate(self.manifest.shards):
-                parts.append(self.shard(s).read_all())
-                self.stats.reads += 1
-                self.stats.vectors_read += entry.ntotal
-            codes, ids, raw = self._concat(parts)
-            self.resident = ListBlock(np.arange(len(self.list_sizes), dtype=np.int64), self.global_offsets,
-                                      codes, ids, raw)
-            self._cache.clear()
-            self._cached_bytes = 0
-            log.info("index %s resident in memory: %.1f MiB", self.store.url, self.nbytes / 2**20)
+            with self._load_lock:
+                if self.resident is None:
+                    parts = [self.shard(s).read_all() for s in range(len(self.manifest.shards))]
+                    codes, ids, raw = self._concat(parts)
+                    with self._lock:
+                        self.stats.reads += len(parts)
+                        self.stats.vectors_read += sum(e.ntotal for e in self.manifest.shards)
+                        self._cache.clear()
+                        self._cached_bytes = 0
+                    self.resident = ListBlock(np.arange(len(self.list_sizes), dtype=np.int64), self.global_offsets,
+                                              codes, ids, raw)
+                    log.info("index %s resident in memory: %.1f MiB", self.store.url, self.nbytes / 2**20)
         return self.resident

@@ -59,8 +59,18 @@ class Location:
 
     @cached_property
     def _fs_root(self) -> tuple[fsspec.AbstractFileSystem, str]:
-        fs, root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        fs, root = fsspec.core.url_to_fs(self.url, **self._fs_options)
         return fs, root.rstrip("/") if root != "/" else root
+
+    @property
+    def _fs_options(self) -> dict[str, Any]:
+        """The storage options, with s3fs's ``max_concurrency`` set to 1 unless given: above 1,
+        s3fs sends a HEAD (the object's size) before every whole-object GET so as to fetch objects
+        over its block size (50 MiB) in parallel parts, which an index's chunks (about 1 MiB) and
+        manifest never are. Every chunk read would cost two requests instead of one."""
+        if fsspec.core.split_protocol(self.url)[0] in ("s3", "s3a"):
+            return {"max_concurrency": 1, **self.storage_options}
+        return self.storage_options
 
     def __getstate__(self) -> dict[str, Any]:
         return {"url": self.url, "storage_options": self.storage_options}
@@ -166,4 +176,4 @@ class Location:
     def zarr_store(self, read_only: bool = False) -> zarr.abc.store.Store:
         if self.is_local:
             return LocalStore(self.root, read_only=read_only)
-        return FsspecStore.from_url(self.url, storage_options=self.storage_options or None, read_only=read_only)
+        return FsspecStore.from_url(self.url, storage_options=self._fs_options or None, read_only=read_only)
