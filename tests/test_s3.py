@@ -136,6 +136,25 @@ def test_verify_on_s3_and_a_truncated_chunk(built, s3):
         damaged.search(np.zeros((1, D), np.float32), k=5, nprobe=32)
 
 
+def test_search_through_fsspec_simplecache_in_front_of_s3(built, data, s3, tmp_path):
+    """``simplecache::s3://...`` (allowed by distann.store.chains): the chunk files are fetched from S3
+    once, then read from the local cache; results equal the local index."""
+    import dask.config
+
+    remote, local = built
+    requests = Requests()
+    opts = {"s3": {**s3[1], "session": requests.session}, "simplecache": {"cache_storage": str(tmp_path / "cache")}}
+    with dask.config.set({"distann.store.chains": ["simplecache"]}):
+        index = distann.open_index(f"simplecache::{remote.url}", storage_options=opts, cache_bytes=0)
+        I1 = index.search(data["xq"], k=10, nprobe=4)[1]
+        first = requests.take()
+        I2 = index.search(data["xq"], k=10, nprobe=4)[1]
+        assert requests.take() == [] and first  # the second search reads the local copies only
+    np.testing.assert_array_equal(I1, local.search(data["xq"], k=10, nprobe=4)[1])
+    np.testing.assert_array_equal(I2, I1)
+    assert not any(op.startswith("List") for op, _, _ in first)
+
+
 # --------------------------------------------------------------------------- requests on the search path
 
 class Requests:

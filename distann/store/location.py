@@ -176,4 +176,11 @@ class Location:
     def zarr_store(self, read_only: bool = False) -> zarr.abc.store.Store:
         if self.is_local:
             return LocalStore(self.root, read_only=read_only)
+        if "::" in self.url:
+            # a caching filesystem chained in front of the store (simplecache::s3://...) is synchronous: Zarr's
+            # from_url would remake it asynchronous, leaving the s3fs behind it on another event loop (it fails)
+            from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+
+            return FsspecStore(fs=AsyncFileSystemWrapper(self.fs, asynchronous=True), path=self.root,
+                               read_only=read_only)
         return FsspecStore.from_url(self.url, storage_options=self._fs_options or None, read_only=read_only)
