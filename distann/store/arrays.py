@@ -139,6 +139,9 @@ class CheckedStore(WrapperStore):
     of their chunks); ``strict=False`` (format version 1, which did not store all-zero
     chunks) lets absent chunks read as zeros and still catches wrong-sized ones.
 
+    A good chunk is handed to Zarr without its CRC-32C trailer (:class:`StoredArray` opens the
+    array as plain ``bytes``), so the checksum is computed once per chunk read.
+
     A bad chunk is read as absent (Zarr fills it with the fill value, and the other chunk reads
     of the call complete) and recorded in ``bad``; :class:`StoredArray` raises once Zarr's call
     has returned. Entries are never removed, so a thread that reads a bad chunk after another
@@ -176,6 +179,7 @@ class CheckedStore(WrapperStore):
             if np.uint32(google_crc32c.value(data[:-CRC_BYTES])).tobytes() != stored:  # as Zarr's codec writes it
                 self.bad[key] = "fails its CRC-32C checksum (a flipped bit or overwritten bytes)"
                 return None
+            return buf[:-CRC_BYTES]  # checked here, once: StoredArray reads it as a plain `bytes` chunk
         return buf
 
 
@@ -195,7 +199,11 @@ class StoredArray:
             if raw is None:
                 raise FileNotFoundError(path)
             doc = check_metadata(json.loads(raw.to_bytes()), store.url, path)
-            self._arr = zarr.Array(AsyncArray(metadata=doc, store_path=StorePath(store, path)))
+            crc = len(doc["codecs"]) == 2
+            # the store checks and strips each chunk's CRC-32C: Zarr decodes the rest as plain
+            # bytes (its fast path, and the checksum computed once instead of twice)
+            read = {**doc, "codecs": doc["codecs"][:1]}
+            self._arr = zarr.Array(AsyncArray(metadata=read, store_path=StorePath(store, path)))
         except FileNotFoundError:
             raise IndexFormatError(f"{store.url}: array {path} is missing; the index is corrupt") from None
         except (KeyError, ValueError, TypeError) as exc:
@@ -204,7 +212,6 @@ class StoredArray:
         self.shape: tuple[int, ...] = tuple(self._arr.shape)
         self.dtype = np.dtype(self._arr.dtype)
         self.chunks: tuple[int, ...] = tuple(meta.chunk_grid.chunk_shape)
-        crc = len(doc["codecs"]) == 2
         store.chunk_format[path] = (math.prod(self.chunks) * self.dtype.itemsize + (CRC_BYTES if crc else 0), crc)
 
     def __len__(self) -> int:
