@@ -15,7 +15,12 @@ On an embedded LocalCluster of 2 single-threaded worker processes:
 (c) the same load while one worker is killed (SIGKILL; its nanny starts it again), with
     ``replicas=2`` and ``replicas=1``: errors, latency while shards are recovering, time until
     every shard copy is resident again.
+(d) chaos: ``--clients`` clients for ``--chaos-seconds`` (60) while a worker is SIGKILLed every
+    ``--kill-every`` seconds (15; the two workers in turn), ``replicas=2``: errors (target zero),
+    p50 / p99 latency, each kill's recovery time.
 
+``--phases`` runs a subset (e.g. ``--phases chaos``); the other phases' results already in
+serve.json are kept. ``--reuse`` skips building an index that already exists.
 Writes docs/benchmarks/serve.{json,md}.
 """
 
@@ -181,6 +186,65 @@ def kill_phase(client, service: Service, queries: str, args, token: str, replica
             "during_recovery": summarize(rows, k0, k1), "after_recovery": summarize(rows, k1)}
 
 
+def chaos_phase(client, service: Service, queries: str, args, token: str) -> dict:
+    """(d): the load while a worker is SIGKILLed every ``--kill-every`` seconds, the two in turn."""
+    kills: list[dict] = []
+    stop = threading.Event()
+    expected_copies = None
+
+    def resident(h: dict) -> bool:
+        return (h["shards_resident"] == h["shards"] and h["copies_resident"] == expected_copies
+                and h["workers"] == 2)
+
+    def killer():
+        nonlocal expected_copies
+        h = service.health()
+        expected_copies = h["shards"] * 2
+        for i in range(int(args.chaos_seconds // args.kill_every)):
+            if stop.wait(args.kill_every if i == 0 else max(0.0, t_next - time.perf_counter())):
+                return
+            t_next = time.perf_counter() + args.kill_every
+            pids = client.run(os.getpid)  # the workers alive now (a restarted one has a new address)
+            victim, pid = sorted(pids.items())[i % len(pids)]
+            t_kill = time.perf_counter()
+            os.kill(pid, signal.SIGKILL)
+            back = None
+            while time.perf_counter() - t_kill < args.kill_every:
+                try:
+                    if time.perf_counter() - t_kill > 0.5 and resident(service.health()):
+                        back = time.perf_counter() - t_kill
+                        break
+                except Exception:  # noqa: BLE001 - the health probe may time out under load: probe again
+                    pass
+                time.sleep(0.1)
+            kills.append({"worker": victim, "t_kill": t_kill, "resident_again_s": back})
+            log.info("killed %s; all copies resident again after %s s", victim,
+                     "more than the kill interval" if back is None else f"{back:.1f}")
+
+    t = threading.Thread(target=killer)
+    t.start()
+    saved = args.seconds
+    args.seconds = args.chaos_seconds
+    try:
+        data = load(service, queries, args, token)
+    finally:
+        args.seconds = saved
+        stop.set()
+        t.join()
+    rows, t0 = data["requests"], data["t0"]
+    statuses: dict[str, int] = {}
+    for _, _, st in rows:
+        statuses[str(st)] = statuses.get(str(st), 0) + 1
+    windows = []
+    for k in kills:
+        k0 = k["t_kill"] - t0
+        windows.append({"worker": k["worker"], "at_s": k0, "resident_again_s": k["resident_again_s"],
+                        "next_5s": summarize(rows, k0, k0 + 5.0)})
+    return {"replicas": 2, "clients": args.clients, "seconds": args.chaos_seconds, "kill_every_s": args.kill_every,
+            "kills": windows, "statuses": statuses, "whole_run": summarize(rows),
+            "machine": machine()}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=1_000_000)
@@ -193,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--seconds", type=float, default=30.0)
+    p.add_argument("--chaos-seconds", type=float, default=60.0)
+    p.add_argument("--kill-every", type=float, default=15.0)
+    p.add_argument("--phases", nargs="+", default=["batch", "load", "kill", "chaos"],
+                   choices=["batch", "load", "kill", "chaos"])
+    p.add_argument("--reuse", action="store_true", help="do not rebuild an index that already exists")
     p.add_argument("--skip-load", action="store_true", help="only (a)")
     p.add_argument("--data", default="data/bench")
     p.add_argument("--out", default="docs/benchmarks")
@@ -212,20 +281,29 @@ def main(argv: list[str] | None = None) -> int:
     qpath = os.path.join(args.data, f"serve-queries-{args.d}.npy")
     np.save(qpath, xq[:1000])
     token = "bench-" + os.urandom(8).hex()
+    phases = set(args.phases) - ({"load", "kill", "chaos"} if args.skip_load else set())
     report = {"machine": machine(), "n": args.n, "d": args.d, "nlist": args.nlist, "workers": 2,
               "batch": [], "load": {}, "kill": []}
+    previous = os.path.join(args.out, "serve.json")
+    if phases != {"batch", "load", "kill", "chaos"} and os.path.exists(previous):
+        with open(previous) as f:
+            report = json.load(f)  # keep the results of the phases not run now
     with client_context(workers=2) as client:
         urls = {}
         for codec in args.codecs:
             urls[codec] = os.path.join(args.data, f"serve-index-{args.n}x{args.d}-{codec}.zarr")
-            log.info("build IVF%d,%s", args.nlist, codec)
-            distann.build(path, urls[codec], spec=f"IVF{args.nlist},{codec}", client=client, overwrite=True)
-            log.info("(a) batch search, %s", codec)
-            report["batch"].append(batch_phase(client, urls[codec], codec, path, xq, args))
-            log.info("%s", report["batch"][-1])
-        if not args.skip_load:
-            url = urls[args.codecs[0]]
-            scheduler = client.scheduler.address
+            if not (args.reuse and os.path.exists(os.path.join(urls[codec], "manifest.json"))):
+                log.info("build IVF%d,%s", args.nlist, codec)
+                distann.build(path, urls[codec], spec=f"IVF{args.nlist},{codec}", client=client, overwrite=True)
+            if "batch" in phases:
+                if codec == args.codecs[0]:
+                    report["batch"] = []
+                log.info("(a) batch search, %s", codec)
+                report["batch"].append(batch_phase(client, urls[codec], codec, path, xq, args))
+                log.info("%s", report["batch"][-1])
+        url = urls[args.codecs[0]]
+        scheduler = client.scheduler.address
+        if "load" in phases:
             for name, wait_ms in (("micro-batching", 2.0), ("no batching", 0.0)):
                 log.info("(b) HTTP load, %s", name)
                 svc = Service(url, scheduler, replicas=1, wait_ms=wait_ms, token=token)
@@ -234,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
                 finally:
                     svc.stop()
                 log.info("%s: %s", name, report["load"][name])
+            lb = report["load"]
+            report["batching_speedup"] = lb["micro-batching"]["qps"] / lb["no batching"]["qps"]
+        if "kill" in phases:
+            report["kill"] = []
             for replicas in (2, 1):
                 log.info("(c) HTTP load with a worker killed, replicas=%d", replicas)
                 client.wait_for_workers(2, timeout=300)
@@ -243,8 +325,16 @@ def main(argv: list[str] | None = None) -> int:
                 finally:
                     svc.stop()
                 log.info("%s", report["kill"][-1])
-            lb = report["load"]
-            report["batching_speedup"] = lb["micro-batching"]["qps"] / lb["no batching"]["qps"]
+        if "chaos" in phases:
+            log.info("(d) HTTP load for %.0f s, a worker killed every %.0f s, replicas=2", args.chaos_seconds,
+                     args.kill_every)
+            client.wait_for_workers(2, timeout=300)
+            svc = Service(url, scheduler, replicas=2, wait_ms=2.0, token=token)
+            try:
+                report["chaos"] = chaos_phase(client, svc, qpath, args, token)
+            finally:
+                svc.stop()
+            log.info("%s", report["chaos"])
     with open(os.path.join(args.out, "serve.json"), "w") as f:
         json.dump(report, f, indent=1)
     with open(os.path.join(args.out, "serve.md"), "w") as f:
@@ -264,7 +354,7 @@ def markdown(r: dict, args) -> str:
     for b in r["batch"]:
         lines.append(f"| {b['codec']} | {b['shards']} | {b['local_qps']:,.0f} | {b['distributed_qps']:,.0f} | "
                      f"{b['ratio_distributed_to_local']:.2f} | {b['identical']} | {b['faiss_qps']:,.0f} |")
-    if r["load"]:
+    if r.get("load"):
         lines += ["", f"## (b) HTTP service, {args.clients} concurrent clients, single queries, {args.seconds:.0f} s",
                   "", "| mode | requests | errors | QPS | p50 ms | p99 ms |", "|---|---|---|---|---|---|"]
         for name, s in r["load"].items():
@@ -279,6 +369,25 @@ def markdown(r: dict, args) -> str:
             lines.append(f"| {k['replicas']} | {k['whole_run']['errors']} | {b.get('qps', 0):,.0f} | "
                          f"{b.get('p99_ms', 0):.1f} | {d.get('qps', 0):,.0f} | {d.get('p50_ms', 0):.1f} / "
                          f"{d.get('p99_ms', 0):.1f} | {k['resident_again_s']:.1f} s |")
+    if r.get("chaos"):
+        c, w = r["chaos"], r["chaos"]["whole_run"]
+        cm = c["machine"]
+        lines += ["", f"## (d) {c['clients']} clients for {c['seconds']:.0f} s, a worker SIGKILLed every "
+                  f"{c['kill_every_s']:.0f} s (replicas=2)", "",
+                  f"Measured {cm['date']} on {cm['cores']} cores shared with other work (latencies are noisy). "
+                  "Each kill alternates between the two workers; the nanny restarts the killed one and the "
+                  "service places the second copies again.", "",
+                  "| requests | errors | statuses | QPS | p50 ms | p99 ms | max ms |", "|---|---|---|---|---|---|---|",
+                  f"| {w['requests']:,} | **{w['errors']}** | "
+                  f"{', '.join(f'{k}: {v:,}' for k, v in sorted(c['statuses'].items()))} | {w['qps']:,.0f} | "
+                  f"{w.get('p50_ms', 0):.1f} | {w.get('p99_ms', 0):.1f} | {w.get('max_ms', 0):.1f} |", "",
+                  "| kill at | worker | all copies resident again after | errors in the next 5 s | p50 / p99 ms "
+                  "in the next 5 s |", "|---|---|---|---|---|"]
+        for k in c["kills"]:
+            n5 = k["next_5s"]
+            back = "not within the interval" if k["resident_again_s"] is None else f"{k['resident_again_s']:.1f} s"
+            lines.append(f"| {k['at_s']:.1f} s | {k['worker']} | {back} | {n5.get('errors', 0)} | "
+                         f"{n5.get('p50_ms', 0):.1f} / {n5.get('p99_ms', 0):.1f} |")
     return "\n".join(lines) + "\n"
 
 

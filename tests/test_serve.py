@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -281,6 +282,74 @@ def test_reload_while_queries_run_never_mixes_generations(client, data, tmp_path
         assert health["generation"] == 2 and health["shards_resident"] == health["shards"]
     finally:
         svc.stop()
+
+
+def test_replicas_stay_on_distinct_workers_while_workers_are_killed_in_turn(data, tmp_path):
+    """replicas=2 on a real scheduler and two nanny-managed worker processes, queries streaming:
+    a worker is SIGKILLed, then (once its nanny restarted it) the other one. The scheduler
+    recomputes the first lost copies on the survivor, next to their other copies; the service
+    must spread them onto the restarted worker again, or the second kill takes every copy of
+    every shard at once. No request fails, every answer equals local search."""
+    from tests.proc_cluster import Scheduler, Workers, wait_until
+
+    url = str(tmp_path / "kill.zarr")
+    xq = data[1][:8]
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    scheduler = Scheduler(logs)
+    workers = svc = None
+    try:
+        workers = Workers(scheduler.address, logs)
+        c = workers.client
+        distann.build(data[0], url, spec="IVF32,Flat", client=c, niter=4, shard_bytes=400_000)
+        want = distann.open_index(url).search(xq, k=10, nprobe=8)
+        svc = Service(make_holder(url, c, replicas=2), ServeSettings(batch_wait_ms=1.0))
+        index = svc.holder.current
+        n = len(index.manifest.shards)
+
+        def spread():
+            h = index.health()  # also where the service spreads co-located copies
+            placement = index.placement()
+            return h["copies_resident"] == 2 * n and all(len(w) == 2 for w in placement.values()) and placement
+
+        assert n >= 3 and spread()
+        answers, errors, stop = [], [], threading.Event()
+
+        def stream():
+            with SearchClient(svc.url, timeout=120) as sc:
+                while not stop.is_set():
+                    try:
+                        answers.append(sc.search(xq, k=10, nprobe=8)[1])
+                    except BaseException as exc:  # noqa: BLE001
+                        errors.append(exc)
+
+        threads = [threading.Thread(target=stream) for _ in range(4)]
+        for t in threads:
+            t.start()
+        try:
+            first, second = sorted(workers.pids().items())
+            for victim, pid in (first, second):
+                count = len(answers)
+                os.kill(pid, signal.SIGKILL)
+                wait_until(lambda: victim not in c.scheduler_info()["workers"], 60, f"{victim} gone")
+                wait_until(lambda: len(c.scheduler_info()["workers"]) == 2, 120, "the nanny restarted it")
+                placement = wait_until(spread, 60, "both copies of every shard on distinct workers again")
+                assert victim not in {w for ws in placement.values() for w in ws}
+                wait_until(lambda: len(answers) > count + 8, 60, "answers after the kill")
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        assert not errors, errors[:3]
+        assert len(answers) > 16
+        for I in answers:
+            np.testing.assert_array_equal(I, want[1])
+    finally:
+        if svc is not None:
+            svc.stop()
+        if workers is not None:
+            workers.close()
+        scheduler.close()
 
 
 def _listening(pid: int) -> set[tuple[str, int]]:

@@ -21,6 +21,10 @@ rule (distance, then id) as local search, so results are identical to ``Index.se
 
 Failure. A scan task whose worker dies is run again by the scheduler once its shard is back
 (on another replica's worker or recomputed from the store): the search completes, only later.
+The scheduler recomputes a lost copy on a surviving worker, often the one holding the shard's
+other copy; once a worker without a copy of the shard is there (the restarted one), the copy
+is loaded there again and the co-located one dropped (:meth:`DistributedIndex._respread`, on
+the next search or health check), so that ``replicas=2`` survives the next death too.
 A shard that cannot be answered (its load fails, a task fails for good, or the ``timeout``
 passes) raises :class:`~distann.errors.ShardsUnavailableError` naming the shards, or, with
 ``allow_partial=True``, returns what answered with ``coverage`` (fraction of probes answered)
@@ -30,6 +34,7 @@ and ``missing_shards``. Never a silently partial result.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -94,6 +99,8 @@ class DistributedIndex:
         self._token = uuid.uuid4().hex[:12]
         self.shards: list[list] = []  # futures, [shard][replica]
         self._where_cache: tuple[dict | None, float] = (None, 0.0)
+        self._moves: dict[tuple[int, int], Any] = {}  # (shard, replica) -> its copy loading on another worker
+        self._moves_lock = threading.Lock()
         self._backends_checked: set[str] = set()  # kernel backends every worker was seen to run
         self._lease = ReaderLease(local.loc, m.generation) if lease else None
         try:
@@ -143,6 +150,10 @@ class DistributedIndex:
             for f in reps:
                 f.release()
         self.shards = []
+        with self._moves_lock:
+            for f in self._moves.values():
+                f.release()
+            self._moves.clear()
         if self._lease is not None:
             self._lease.release()
             self._lease = None
@@ -171,17 +182,64 @@ class DistributedIndex:
         """Shard name -> addresses of the workers holding a copy now (empty: being recomputed)."""
         keys = {f.key: s for s, reps in enumerate(self.shards) for f in reps}
         out: dict[str, list[str]] = {n: [] for n in self._names}
-        for key, where in self.client.who_has([f for reps in self.shards for f in reps]).items():
+        who = self.client.who_has([f for reps in self.shards for f in reps])
+        for key, where in who.items():
             out[self._names[keys[key]]].extend(where)
+        self._respread(who)
         return {n: sorted(set(w)) for n, w in out.items()}
 
     def health(self) -> dict[str, Any]:
-        """Shards resident (at least one copy in memory), copies resident, workers."""
+        """Shards resident (at least one copy in memory), copies resident (on distinct workers: two
+        copies on one worker count once), workers."""
         where = self.placement()
-        copies = sum(1 for reps in self.shards for f in reps if f.status == "finished")
+        copies = sum(min(len(w), self.replicas) for w in where.values())
         return {"generation": self.generation, "shards": len(self._names),
                 "shards_resident": sum(1 for w in where.values() if w), "replicas": self.replicas,
                 "copies_resident": copies, "workers": len(self.client.scheduler_info()["workers"])}
+
+    def _respread(self, who: dict) -> None:
+        """Keep the copies of each shard on distinct workers (``who``: key -> workers, from
+        ``who_has``). A copy sharing its worker with another copy of the shard is loaded again on
+        a worker holding none (least loaded first); once there, it replaces the co-located one,
+        which is dropped (by reference count: a scan already submitted on it still completes)."""
+        if self.replicas < 2 or not self.shards or not self._moves_lock.acquire(blocking=False):
+            return  # another thread is at it
+        try:
+            workers = sorted(self.client.scheduler_info()["workers"])
+            held = {s: [set(who.get(f.key, ())) for f in reps] for s, reps in enumerate(self.shards)}
+            for (s, r), new in list(self._moves.items()):
+                if new.status in ("error", "cancelled") or s >= len(self.shards):
+                    del self._moves[(s, r)]
+                elif new.status == "finished":
+                    there = set(self.client.who_has([new]).get(new.key, ()))
+                    others = set().union(*(h for i, h in enumerate(held[s]) if i != r))
+                    del self._moves[(s, r)]
+                    if there and not there & others:
+                        self.shards[s][r] = new  # the old copy goes with its last reference
+                        held[s][r] = there
+                        log.info("shard %s: copy %d moved to %s (it shared a worker with another copy)",
+                                 self._names[s], r, ", ".join(sorted(there)))
+            load = dict.fromkeys(workers, 0)
+            for hs in held.values():
+                for h in hs:
+                    for w in h:
+                        if w in load:
+                            load[w] += 1
+            for s, hs in held.items():
+                for r in range(1, len(hs)):
+                    if (s, r) in self._moves or not hs[r] or not hs[r] & set().union(*hs[:r]):
+                        continue
+                    free = [w for w in workers if not any(w in h for h in hs)]
+                    if not free:
+                        continue
+                    w = min(free, key=lambda w: (load[w], w))
+                    load[w] += 1
+                    key = f"distann-shard-{self._token}-g{self.generation}-{s:05d}-r{r}-{uuid.uuid4().hex[:6]}"
+                    self._moves[(s, r)] = self.client.submit(load_shard, self.local.loc, self.local.manifest, s,
+                                                             key=key, pure=False, workers=[w],
+                                                             allow_other_workers=True)
+        finally:
+            self._moves_lock.release()
 
     def info(self) -> dict[str, Any]:
         out = self.local.info()
@@ -310,8 +368,10 @@ class DistributedIndex:
         cached, at = self._where_cache
         if cached is None or now - at > 1.0 or any(f.status != "finished" for reps in self.shards for f in reps):
             futures = [f for reps in self.shards for f in reps]
-            cached = {k: v[0] for k, v in self.client.who_has(futures).items() if v}
+            who = self.client.who_has(futures)
+            cached = {k: v[0] for k, v in who.items() if v}
             self._where_cache = (cached, now)
+            self._respread(who)
         return cached
 
     def _run(self, plan: ProbePlan, q: np.ndarray, q_raw, fn, args: tuple, deadline, allow_partial: bool,
