@@ -33,6 +33,7 @@ _EXPORTS = {
     "BuildConflictError": "distann.errors",
     "ShardsUnavailableError": "distann.errors",
     "WorkerKilledError": "distann.errors",
+    "SchedulerLostError": "distann.errors",
 }
 
 __all__ = sorted([*_EXPORTS, "build", "__version__"])
@@ -57,7 +58,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from distann.bigbatch import BigBatchResult, big_batch_search, open_result
     from distann.dedup import dedup
     from distann.errors import (BuildConflictError, DistannError, IndexExistsError, IndexFormatError,
-                                ShardsUnavailableError, ValidationError, WorkerKilledError)
+                                SchedulerLostError, ShardsUnavailableError, ValidationError,
+                                WorkerKilledError)
     from distann.evaluation import brute_force_knn, recall_at_k, sweep_nprobe
     from distann.search.distributed import DistributedIndex, SearchResult
     from distann.search.index import Index, open_index

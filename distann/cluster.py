@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from distann import config
-from distann.errors import DistannError, ValidationError, WorkerKilledError
+from distann.errors import DistannError, SchedulerLostError, ValidationError, WorkerKilledError
 
 if TYPE_CHECKING:  # pragma: no cover
     from distributed import Client
@@ -231,14 +231,17 @@ def _can_read(source) -> str:
 
 class TaskNames:
     """What each task of a job is (its stage and its piece of work: "chunk c000003", "shard
-    s000001", "list range r00002"), so that a task whose workers keep dying is reported by name.
+    s000001", "list range r00002"), so that a task whose workers keep dying is reported by name,
+    and a lost scheduler by the stage it was lost in.
 
     Dask retries a task whose worker process died while running it (a SIGKILL, the OOM killer,
     a crash in native code) on another worker, and gives up after
     ``distributed.scheduler.allowed-failures`` deaths with a bare ``KilledWorker`` naming only
     the task's key. ``translate()`` turns that into a WorkerKilledError naming the job, the
     stage, the piece of work, the setting and what stays unchanged; tasks never named (the
-    k-means blocks, reductions) are named by their function and the stage running them."""
+    k-means blocks, reductions) are named by their function and the stage running them.
+    Losing the scheduler cancels every future ("cancelled for reason: unknown"); with
+    ``client`` given, that becomes a SchedulerLostError saying the job can be rerun."""
 
     def __init__(self, job: str, unchanged: str):
         self.job = job
@@ -259,13 +262,22 @@ class TaskNames:
         return futures
 
     @contextlib.contextmanager
-    def translate(self) -> Iterator["TaskNames"]:
+    def translate(self, client=None) -> Iterator["TaskNames"]:
+        from concurrent.futures import CancelledError
+
         from distributed import KilledWorker
 
         try:
             yield self
         except KilledWorker as exc:
             raise self.error(exc) from exc
+        except CancelledError as exc:
+            if client is None or client.status == "running":
+                raise
+            address = getattr(client.scheduler, "address", None) or "(unknown address)"
+            raise SchedulerLostError(
+                f"{self.job}: lost the Dask scheduler {address} in the {self.stage} stage (it stopped answering "
+                f"and did not come back within distributed.comm.timeouts.connect). {self.unchanged}") from exc
 
     def error(self, exc) -> WorkerKilledError:
         from dask.utils import key_split
@@ -290,7 +302,14 @@ def broadcast(client, data):
     Never content-addressed (``hash=False``): two jobs broadcasting equal data (the same
     centroids twice) would share one key, and the release of the first job's future could
     drop the data under the second ("lost dependencies")."""
-    return client.scatter(data, broadcast=True, hash=False)
+    try:
+        return client.scatter(data, broadcast=True, hash=False)
+    except TimeoutError as exc:
+        if "No valid workers" not in str(exc):
+            raise
+        raise DistannError(f"no Dask worker is connected to the scheduler {client.scheduler.address} (none joined "
+                           "within the client's connect timeout, distann.cluster.connect-timeout); start workers "
+                           "(dask worker ADDRESS) and rerun") from None
 
 
 def tree_reduce(client, futures: list, fn, fan_in: int = 2):

@@ -56,6 +56,12 @@ class WorkerKilledError(DistannError):
         super().__init__(message)
 
 
+class SchedulerLostError(DistannError):
+    """The client lost its Dask scheduler in the middle of a job (the scheduler died or became
+    unreachable, and did not come back within ``distributed.comm.timeouts.connect``). Nothing
+    was committed; the same job rerun on a cluster resumes from what its tasks had finished."""
+
+
 class StorageFullError(DistannError, OSError):
     """The disk (or quota) under an index filled up while a build wrote to it (ENOSPC, EDQUOT).
     The message names the path; nothing was committed, and a rerun resumes."""

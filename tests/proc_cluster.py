@@ -113,14 +113,26 @@ class Workers:
 
     def wait_for_workers(self, timeout: float = 120) -> dict[str, int]:
         """Wait until all ``n`` workers are up (after a kill, until the nanny has restarted one)."""
-        return wait_until(lambda: (lambda p: p if len(p) == self.n else None)(self.pids()), timeout,
-                          f"{self.n} workers on the scheduler", step=0.25)
+        def all_up() -> dict[str, int] | None:
+            pids = self.pids()
+            return pids if len(pids) == self.n else None
+
+        return wait_until(all_up, timeout, f"{self.n} workers on the scheduler", step=0.25)
 
     def close(self) -> None:
         if self.client is not None:
             self.client.close()
         for p in self.procs:  # one after the other: a worker says goodbye to the scheduler
             stop_process(p)
+
+    def kill(self) -> None:
+        """SIGKILL every worker and nanny (e.g. after their scheduler died: nobody to say goodbye to)."""
+        for p in self.procs:
+            _signal_group(p, signal.SIGKILL)
+            p.wait()
+        if self.client is not None:
+            self.client.close(timeout=5)
+            self.client = None
 
 
 class KillTask(WorkerPlugin):
@@ -168,3 +180,32 @@ class SetEnv(WorkerPlugin):
     def teardown(self, worker) -> None:
         for name in self.env:
             os.environ.pop(name, None)
+
+
+class StallTask(WorkerPlugin):
+    """Holds up the worker when the ``nth`` task of function ``func`` starts on it (once in
+    all: ``marker`` is created then), until the file ``release`` exists or ``timeout`` s pass:
+    a job paused at a known point, for a test to kill something there."""
+
+    def __init__(self, func: str, nth: int, marker: str, release: str, timeout: float = 120):
+        self.func, self.nth, self.marker, self.release, self.timeout = func, nth, marker, release, timeout
+        self.seen = 0
+
+    def setup(self, worker) -> None:
+        self.seen = 0
+
+    def transition(self, key, start, finish, **kwargs) -> None:
+        from dask.utils import key_split
+
+        if finish != "executing" or key_split(key) != self.func:
+            return
+        self.seen += 1
+        if self.seen < self.nth:
+            return
+        try:
+            os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+        deadline = time.monotonic() + self.timeout
+        while not os.path.exists(self.release) and time.monotonic() < deadline:
+            time.sleep(0.05)

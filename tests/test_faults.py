@@ -12,7 +12,6 @@ every index array, the k-means objective, big-batch and dedup outputs, bit for b
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -22,10 +21,10 @@ import pyarrow.parquet as pq
 import pytest
 
 import distann
-from distann.errors import WorkerKilledError
+from distann.errors import IndexFormatError, WorkerKilledError
 from distann.synthetic import write_npy
-from tests.ann_helpers import cli, wait_for_staged_chunks
-from tests.proc_cluster import KillTask, Scheduler, SetEnv, Workers, wait_until
+from tests.ann_helpers import cli
+from tests.proc_cluster import KillTask, Scheduler, SetEnv, StallTask, Workers, wait_until
 
 N, D = 20_000, 16
 #: 10 add chunks, several shards, a handful of k-means iterations: seconds per build
@@ -199,6 +198,55 @@ def test_a_task_that_kills_every_worker_fails_naming_it(cluster, faults, source,
     assert_same_index(rerun, reference)
 
 
+# --------------------------------------------------------------------------- the scheduler killed
+def test_scheduler_killed_mid_build_then_rerun_resumes(cluster, source, reference, root, tmp_path):
+    """`distann build --scheduler` on its own cluster; the add stage is held at its fifth
+    chunk and the scheduler SIGKILLed. The build fails within the reconnect timeout with a
+    clear SchedulerLostError (no traceback), nothing is committed; the cluster is started
+    again, the same command rerun resumes: the chunks finished before the kill are not redone,
+    and the index equals a clean run's."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    url = str(tmp_path / "idx.zarr")
+    stalled, release = tmp_path / "stalled", tmp_path / "release"
+    scheduler = Scheduler(logs, SCHEDULER_ENV)
+    workers = None
+    try:
+        workers = Workers(scheduler.address, logs)
+        workers.client.register_plugin(StallTask("add_chunk", 3, str(stalled), str(release)), name="stall")
+        args = cli("build", source, url, *CLI_BUILD, "--scheduler", scheduler.address, quiet=True)
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_until(lambda: stalled.exists() or proc.poll() is not None, 240, "the add stage held")
+            assert proc.poll() is None, proc.stderr.read()
+            staging = tmp_path / "idx.zarr" / "g000001" / "staging"
+            staged = wait_until(lambda: len(list(staging.glob("*/DONE"))) >= 2 and len(list(staging.glob("*/DONE"))),
+                                60, "chunks staged beside the held one")
+            assert staged < 10
+            scheduler.kill()
+            release.touch()
+            _, err = proc.communicate(timeout=180)  # the client gives up reconnecting after its timeout
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 2, err
+        assert "lost the Dask scheduler" in err and "in the add stage" in err and "Traceback" not in err, err
+        with pytest.raises(IndexFormatError, match="no committed index"):
+            distann.open_index(url)
+        workers.kill()  # the workers lost their scheduler as well: the whole cluster is started again
+        scheduler.start()
+        workers = Workers(scheduler.address, logs)
+        subprocess.run(args, check=True, timeout=300)
+    finally:
+        if workers is not None:
+            workers.close()
+        scheduler.close()
+    new = distann.open_index(url)
+    assert new.manifest.build["resumed_chunks"] >= staged
+    assert_same_index(new, reference)
+
+
 # --------------------------------------------------------------------------- the driver killed
 def test_driver_killed_just_before_the_commit(cluster, source, reference, tmp_path):
     """`distann build` SIGKILLed with every shard written and the manifest not: readers see the
@@ -228,3 +276,69 @@ def test_driver_killed_just_before_the_commit(cluster, source, reference, tmp_pa
     assert new.manifest.generation == 2
     assert new.manifest.build["resumed_chunks"] == 10 and new.manifest.build["resumed_shards"] == len(shards)
     assert_same_index(new, reference)
+
+
+# --------------------------------------------------------------------------- big-batch and dedup jobs
+BIG_BATCH = dict(k=10, nprobe=4, chunk_rows=2500)
+
+
+@pytest.fixture(scope="module")
+def queries(root):
+    return write_npy(str(root / "queries.npy"), 10_000, D, seed=77)
+
+
+def test_worker_killed_during_a_big_batch_job(cluster, faults, reference, queries, tmp_path):
+    """The worker running the first list-range scan is SIGKILLed: the job completes, and its
+    result is identical to a clean run's (and the job's own record shows nothing was lost)."""
+    c = cluster.client
+    want = distann.big_batch_search(reference, queries, out=str(tmp_path / "clean.zarr"), client=c, **BIG_BATCH)
+    marker = tmp_path / "killed"
+    before = cluster.pids()
+    faults(KillTask("scan_range", "executing", marker=str(marker)), "kill-scan")
+    got = distann.big_batch_search(reference, queries, out=str(tmp_path / "got.zarr"), client=c, **BIG_BATCH)
+    assert marker.exists() and _restarted(before, cluster)
+    assert got.record["list_ranges"] == want.record["list_ranges"] >= 4
+    for a, b in zip(got.knn(), want.knn()):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(got.knn()[1], reference.search(np.load(queries), k=10, nprobe=4)[1])
+
+
+def _planted(path, n=6000, d=D, seed=5) -> str:
+    """Distinct vectors, 100 groups of three near copies and 50 exact copies (dedup's input)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    for g in range(100):
+        for j in (1, 2):
+            x[g * 20 + j] = x[g * 20] + 1e-3 * rng.standard_normal(d).astype(np.float32)
+    x[n - 50:] = x[n - 100:n - 50]
+    np.save(path, x)
+    return str(path)
+
+
+def _read_dedup(out) -> dict[str, np.ndarray]:
+    t = pq.read_table(str(out))
+    cols = {name: np.asarray(t.column(name)) for name in t.column_names}
+    order = np.argsort(cols["id"])
+    return {k: v[order] for k, v in cols.items()}
+
+
+def test_worker_killed_during_a_dedup_job(cluster, faults, tmp_path):
+    """A worker SIGKILLs itself as the last stage (writing the groups) starts, losing the
+    group forests, statistics and exact-duplicate groups it held: Dask recomputes them from
+    their lineage and the output equals a clean run's, row for row."""
+    c = cluster.client
+    src = _planted(tmp_path / "planted.npy")
+    job = dict(threshold=0.999, metric="cosine", chunk_rows=1500, client=c)
+    clean = distann.dedup(src, out=str(tmp_path / "clean"), **job)
+    assert clean["duplicate_groups"] >= 100 and clean["exact_duplicates"] == 50
+    marker = tmp_path / "killed"
+    before = cluster.pids()
+    faults(KillTask("write_groups", "executing", marker=str(marker)), "kill-write")
+    got = distann.dedup(src, out=str(tmp_path / "got"), **job)
+    assert marker.exists() and _restarted(before, cluster)
+    a, b = _read_dedup(tmp_path / "got"), _read_dedup(tmp_path / "clean")
+    assert a.keys() == b.keys() and len(a["id"]) == 6000
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+    for field in ("groups", "duplicate_groups", "duplicates_removed", "exact_duplicates", "pairs", "group_sizes"):
+        assert got[field] == clean[field], field

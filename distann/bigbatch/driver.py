@@ -32,7 +32,8 @@ from distann.bigbatch.tasks import (JobContext, bucket_chunk, reduce_knn, reduce
                                     stores_exact_vectors, write_range_block, write_range_lims)
 from distann.bigbatch.work import WORK, check_output, clear_output, move_parts
 from distann.chunks import plan_chunks
-from distann.cluster import broadcast, check_backend, check_cluster_args, check_reachable, client_context, wait_all
+from distann.cluster import (TaskNames, broadcast, check_backend, check_cluster_args, check_reachable, client_context,
+                             wait_all)
 from distann.errors import ValidationError
 from distann.kernels import resolve_backend
 from distann.store.lease import GenerationLease
@@ -149,6 +150,8 @@ def big_batch_search(index, queries, k: int | None = None, nprobe: int | None = 
     resume = check_output(out_loc, work, key, overwrite, output.RESULT_PATH, _OURS, "big-batch result")
     lease_loc = Location(posixpath.join(out_loc.url, "_distann"), dict(storage_options or {}))
     timings: dict[str, float] = {}
+    names = TaskNames(f"big-batch search into {out_loc.url}", f"Nothing was committed at {out_loc.url} (rerun the same "
+                                                              "job to resume it)")
     with GenerationLease.acquire(lease_loc, 1, config.get("build.lease-seconds"),
                                  what=f"a big-batch search of {src.url} into {out_loc.url}") as lease:
         reader = ReaderLease(idx.loc, m.generation) if not idx.loc.is_process_local else None
@@ -159,7 +162,7 @@ def big_batch_search(index, queries, k: int | None = None, nprobe: int | None = 
             work.write_json("job.json", {"key": key, "started": _now(), "ranges": planned})
             if mode == "knn" and fmt == "zarr" and not (resume and out_loc.exists("ids/zarr.json")):
                 output.create_zarr_knn(out_loc, src.n, k, chunk_rows)
-            with client_context(workers=workers, scheduler=scheduler, client=client) as c:
+            with client_context(workers=workers, scheduler=scheduler, client=client) as c, names.translate(c):
                 check_reachable(c, out_loc, "out", "_distann/work/job.json", {"queries": src, "query_ids": qids})
                 check_backend(c, backend)
                 if planned is None:  # at least two list ranges per worker when the shards allow it
@@ -173,8 +176,11 @@ def big_batch_search(index, queries, k: int | None = None, nprobe: int | None = 
                 t0 = time.perf_counter()
                 cf, pf = broadcast(c, idx.quantizer), broadcast(c, codec)
                 sf = broadcast(c, idx.list_sizes)
-                got = wait_all([c.submit(bucket_chunk, ctx, ch, src, qids, cf, pf, sf, pure=False) for ch in chunks],
+                names.enter("bucket", "chunk_rows (distann.bigbatch.chunk-rows)")
+                buckets = [c.submit(bucket_chunk, ctx, ch, src, qids, cf, pf, sf, pure=False) for ch in chunks]
+                got = wait_all(names.name(buckets, (f"bucket task of query chunk {ch.name}" for ch in chunks)),
                                "bucket", progress)
+                del buckets
                 bad = [g for g in got if "nonfinite" in g]
                 if bad:
                     first = min(g["first"] for g in bad)
@@ -184,22 +190,27 @@ def big_batch_search(index, queries, k: int | None = None, nprobe: int | None = 
                 del cf, pf, sf
                 timings["bucket_s"] = time.perf_counter() - t0
                 t0 = time.perf_counter()
+                names.enter("scan", "range_bytes (distann.bigbatch.range-bytes)")
                 scans = [c.submit(scan_range, ctx, r, [chunks[i].name for i in np.flatnonzero(counts[:, r.index])],
                                   qids, pure=False) for r in ranges]
+                names.name(scans, (f"scan task of list range {r.name}" for r in ranges))
                 scanned = wait_all(scans, "scan", progress, eta="list ranges")
                 del scans
                 timings["scan_s"] = time.perf_counter() - t0
                 t0 = time.perf_counter()
-                names = [[ranges[j].name for j in np.flatnonzero(counts[i])] for i in range(len(chunks))]
+                probed = [[ranges[j].name for j in np.flatnonzero(counts[i])] for i in range(len(chunks))]
+                names.enter("reduce", "chunk_rows (distann.bigbatch.chunk-rows)")
                 if mode == "knn":
                     kc = ctx.kk * k_factor
-                    reds = [c.submit(reduce_knn, ctx, ch, names[i], qids, kc, codec.refine, pure=False)
+                    reds = [c.submit(reduce_knn, ctx, ch, probed[i], qids, kc, codec.refine, pure=False)
                             for i, ch in enumerate(chunks)]
                 else:
-                    reds = [c.submit(reduce_range, ctx, ch, names[i], qids, pure=False) for i, ch in enumerate(chunks)]
+                    reds = [c.submit(reduce_range, ctx, ch, probed[i], qids, pure=False) for i, ch in enumerate(chunks)]
+                names.name(reds, (f"reduce task of query chunk {ch.name}" for ch in chunks))
                 totals = wait_all(reds, "reduce", progress)
                 del reds
                 if mode == "range" and fmt == "zarr":
+                    names.enter("layout")
                     _layout_range(c, ctx, chunks, totals, src.n, chunk_rows, progress)
                 timings["reduce_s"] = time.perf_counter() - t0
             if fmt == "parquet":

@@ -142,7 +142,7 @@ def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2"
         if _committed_generation(loc, overwrite) != committed:
             raise BuildConflictError(f"{loc.url}: another build committed generation {committed + 1} while this one "
                                      "was starting; nothing was written (rerun to build on top of it)")
-        with client_context(workers=workers, scheduler=scheduler, client=client) as c, names.translate():
+        with client_context(workers=workers, scheduler=scheduler, client=client) as c, names.translate(c):
             check_reachable(c, loc, "index_url", lease.path, {"source": src, "ids": ids_src})
             check_backend(c, backend)
             resumed = _resumable(loc, gen, key)

@@ -32,7 +32,7 @@ from distann.bigbatch.tasks import stores_exact_vectors
 from distann.bigbatch.output import part_name
 from distann.bigbatch.work import WORK, check_output, clear_output, move_parts
 from distann.chunks import plan_chunks
-from distann.cluster import check_backend, check_cluster_args, client_context, tree_reduce, wait_all
+from distann.cluster import TaskNames, check_backend, check_cluster_args, client_context, tree_reduce, wait_all
 from distann.dedup import tasks as T
 from distann.errors import IndexFormatError, ValidationError
 from distann.kernels import resolve_backend
@@ -151,17 +151,21 @@ def dedup(source, threshold: float, metric: str = "cosine", *, out: str, index=N
     timings: dict[str, float] = {}
     ip = metric != "l2"
     lease_loc = Location(posixpath.join(out_loc.url, "_distann"), opts)
+    names = TaskNames(f"dedup into {out_loc.url}", f"Nothing was committed at {out_loc.url} (rerun the same job to "
+                                                   "resume it)")
     with GenerationLease.acquire(lease_loc, 1, config.get("build.lease-seconds"),
                                  what=f"a dedup of {src.url} into {out_loc.url}") as lease:
         if not resume:
             clear_output(out_loc)
         work.write_json("job.json", {"key": key, "started": _now()})
-        with client_context(workers=workers, scheduler=scheduler, client=client) as c:
+        with client_context(workers=workers, scheduler=scheduler, client=client) as c, names.translate(c):
             check_backend(c, backend)
             # ---- exact duplicates
             t0 = time.perf_counter()
             nb = max(1, min(len(chunks), 32))
-            hashed = [c.submit(T.hash_chunk, src, ch, nb, pure=False) for ch in chunks]
+            names.enter("exact duplicates", "chunk_rows (distann.bigbatch.chunk-rows)")
+            hashed = names.name([c.submit(T.hash_chunk, src, ch, nb, pure=False) for ch in chunks],
+                                (f"hash task of chunk {ch.name}" for ch in chunks))
             flags = wait_all([c.submit(_flag, h, pure=False) for h in hashed], "hash", progress)
             bad = [f for f in flags if f]
             if bad:
@@ -177,6 +181,7 @@ def dedup(source, threshold: float, metric: str = "cosine", *, out: str, index=N
             # ---- the vectors the ANN step searches: one of each exact group
             t0 = time.perf_counter()
             if ndup:
+                names.enter("compact", "chunk_rows (distann.bigbatch.chunk-rows)")
                 kept = wait_all([c.submit(T.compact_chunk, work, src, ch,
                                           *[c.submit(T.rows_between, g, ch.start, ch.stop, pure=False) for g in groups],
                                           pure=False) for ch in chunks], "compact", progress)
@@ -219,8 +224,10 @@ def dedup(source, threshold: float, metric: str = "cosine", *, out: str, index=N
                 timings["join_s"] = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 parts = [part_name(ch.name) for ch in plan_chunks(nu, chunk_rows)]
+                names.enter("pairs", "chunk_rows (distann.bigbatch.chunk-rows)")
                 pf = [c.submit(T.pair_forest, result.loc, p, result.mode, threshold, ip, i, pure=False)
                       for i, p in enumerate(parts)]
+                names.name(pf, (f"pairs task of result part {p}" for p in parts))
                 samples = wait_all([c.submit(lambda r: r[2], f, pure=False) for f in pf], "pairs", progress)
                 unique = tree_reduce(c, [c.submit(lambda r: r[1], f, pure=False) for f in pf], T.merge_pairs)
                 npairs = int(c.submit(len, unique, pure=False).result())
@@ -228,6 +235,7 @@ def dedup(source, threshold: float, metric: str = "cosine", *, out: str, index=N
                 forests += [c.submit(lambda r: r[0], f, pure=False) for f in pf]
             # ---- groups
             t0 = time.perf_counter()
+            names.enter("groups", "chunk_rows (distann.bigbatch.chunk-rows)")
             final = tree_reduce(c, forests, _merge_forests)
             centroid = representative == "centroid"
             stats = tree_reduce(c, [c.submit(T.group_stats, final, ch, ids_src, src, centroid, pure=False)
@@ -236,8 +244,8 @@ def dedup(source, threshold: float, metric: str = "cosine", *, out: str, index=N
             if centroid:
                 choice = tree_reduce(c, [c.submit(T.centroid_choice, final, stats, ch, ids_src, src, metric == "cosine",
                                                   pure=False) for ch in chunks], T.merge_choice)
-            reps = wait_all([c.submit(T.write_groups, work, final, stats, choice, ch, ids_src, pure=False)
-                             for ch in chunks], "write", progress)
+            writes = [c.submit(T.write_groups, work, final, stats, choice, ch, ids_src, pure=False) for ch in chunks]
+            reps = wait_all(names.name(writes, (f"write task of chunk {ch.name}" for ch in chunks)), "write", progress)
             sizes = c.submit(T.size_histogram, stats, pure=False).result()
             timings["groups_s"] = time.perf_counter() - t0
             # the plot's nearest-neighbour sample is searched on a worker too (checked for the backend;
