@@ -342,3 +342,37 @@ def test_worker_killed_during_a_dedup_job(cluster, faults, tmp_path):
         np.testing.assert_array_equal(a[name], b[name])
     for field in ("groups", "duplicate_groups", "duplicates_removed", "exact_duplicates", "pairs", "group_sizes"):
         assert got[field] == clean[field], field
+
+
+@pytest.mark.parametrize("job", ["big-batch", "dedup"])
+def test_a_poison_task_of_a_job_fails_naming_it(cluster, faults, reference, queries, tmp_path, job):
+    """Every scan task of a big-batch job (every write task of a dedup job) kills its worker:
+    WorkerKilledError naming the stage and the list range (chunk), nothing committed; without
+    the poison the same job resumes and completes."""
+    c = cluster.client
+    out = str(tmp_path / "out")
+    if job == "big-batch":
+        func, stage, what = "scan_range", "scan", "scan task of list range r"
+        run = lambda: distann.big_batch_search(reference, queries, out=out, client=c, **BIG_BATCH)  # noqa: E731
+    else:
+        func, stage, what = "write_groups", "groups", "write task of chunk c"
+        src = _planted(tmp_path / "planted.npy")
+        run = lambda: distann.dedup(src, 0.999, out=out, chunk_rows=1500, client=c)  # noqa: E731
+    previous = _set_allowed_failures(c, 1)
+    try:
+        faults(KillTask(func, "executing"), "poison")
+        with pytest.raises(WorkerKilledError) as info:
+            run()
+    finally:
+        _set_allowed_failures(c, previous)
+    assert info.value.stage == stage and info.value.task.startswith(what)
+    assert f"the {stage} stage's {info.value.task}" in str(info.value)
+    assert f"Nothing was committed at {out}" in str(info.value)
+    assert not (tmp_path / "out" / ("_distann.json" if job == "big-batch" else "_summary.json")).exists()
+    cluster.wait_for_workers()
+    faults(None, remove="poison")
+    result = run()
+    if job == "big-batch":
+        np.testing.assert_array_equal(result.knn()[1], reference.search(np.load(queries), k=10, nprobe=4)[1])
+    else:
+        assert result["duplicate_groups"] >= 100
