@@ -43,15 +43,16 @@ def brute_force_knn(source, queries, k: int, metric: str = "l2", *, client=None,
     from distann.kernels import resolve_backend
     from distann.codecs.metric import for_metric, kernel_metric
     from distann.sources import as_source
-    from distann.validation import check_k, check_metric, check_queries
+    from distann.validation import check_k, check_metric, check_positive_int, check_queries, check_result_size
 
     check_metric(metric)
     k = check_k(k)
+    chunk_rows = check_positive_int("chunk_rows", config.get("build.chunk-rows") if chunk_rows is None else chunk_rows)
     src = as_source(source, column=column, storage_options=storage_options)
-    xq = for_metric(check_queries(queries, src.d), metric)
+    xq = for_metric(check_queries(queries, src.d, "queries"), metric)
+    check_result_size(k, 3 * len(xq) * k)  # a chunk's top-k, and the two being merged
     backend = resolve_backend(backend)
     kmetric = kernel_metric(metric)
-    chunk_rows = chunk_rows or config.get("build.chunk-rows")
     with client_context(workers=workers, scheduler=scheduler, client=client) as c:
         check_backend(c, backend)
         qf = broadcast(c, xq)

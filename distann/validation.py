@@ -60,20 +60,42 @@ def check_query_dtype(dtype: object, param: str, received: object) -> None:
         raise ValidationError(param, received, "float32 (or float64) queries; convert other dtypes explicitly")
 
 
-def check_queries(xq: object, d: int) -> np.ndarray:
+def check_queries(xq: object, d: int, param: str = "xq") -> np.ndarray:
     """A C-contiguous float32 (nq, d) array. float32 and float64 are accepted (float64 is
-    converted, as every float index does); other dtypes, other shapes and NaN/Inf are refused."""
-    arr = np.asarray(xq) if not isinstance(xq, np.ndarray) else xq
-    check_query_dtype(arr.dtype, "xq", f"array of dtype {arr.dtype}")
+    converted, as every float index does); other dtypes, other shapes and NaN/Inf are refused,
+    also values finite in float64 that overflow float32 (they would become Inf)."""
+    if isinstance(xq, np.ndarray):
+        arr = xq
+    else:
+        try:  # nested lists convert; ragged ones do not
+            arr = np.asarray(xq)
+        except (ValueError, TypeError) as exc:
+            raise ValidationError(param, type(xq).__name__, f"a 2-D float32 array (nq, {d}) ({exc})") from None
+    check_query_dtype(arr.dtype, param, f"array of dtype {arr.dtype}")
     if arr.ndim != 2 or arr.shape[1] != d:
-        raise ValidationError("xq", f"array of shape {arr.shape}",
+        raise ValidationError(param, f"array of shape {arr.shape}",
                               f"a 2-D array of shape (nq, {d}) (for one query use xq[None, :])")
-    finite = np.isfinite(arr)
+    with np.errstate(over="ignore"):
+        out = np.ascontiguousarray(arr, dtype=np.float32)
+    finite = np.isfinite(out)
     if not finite.all():
         bad_rows = np.flatnonzero(~finite.all(axis=1))
-        raise ValidationError("xq", f"{int((~finite).sum())} NaN/Inf value(s), first in query row {bad_rows[0]}",
-                              "finite query vectors")
-    return np.ascontiguousarray(arr, dtype=np.float32)
+        raise ValidationError(param, f"{int((~finite).sum())} NaN/Inf value(s) (in float32), first in query row "
+                                    f"{bad_rows[0]}", "finite query vectors within the float32 range")
+    return out
+
+
+def check_result_size(k: int, results: int) -> None:
+    """Refuse a ``k`` for which ``results`` (distance, id) pairs (the (nq, k) answer plus the
+    partial results the search holds at once) cannot fit in this machine's free memory: a
+    ValidationError naming k, instead of a MemoryError or the kernel killing the process after
+    part of the work. (k larger than the index is fine: results are padded.)"""
+    import psutil
+
+    need, free = results * 12, psutil.virtual_memory().available  # float32 distance + int64 id each
+    if need > free:
+        raise ValidationError("k", k, f"a k whose results fit in memory: these would take {need} bytes, "
+                                      f"more than the {free} bytes free")
 
 
 def check_k(k: object) -> int:

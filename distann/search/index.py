@@ -29,7 +29,8 @@ from distann.store.arrays import CheckedStore, StoredArray, checksum
 from distann.store.location import Location
 from distann.store.manifest import Manifest, read_manifest
 from distann.validation import (check_ids_allowed, check_k, check_max_codes, check_nonnegative_int, check_nprobe,
-                                check_positive_int, check_queries, check_radius, check_url, ids_mask)
+                                check_positive_int, check_queries, check_radius, check_result_size, check_url,
+                                ids_mask, is_int)
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def open_index(url: str, *, storage_options: dict | None = None, cache_bytes: in
 
         _check_client(client)
         check_positive_int("replicas", replicas)
-    elif replicas != 1:
+    elif not (is_int(replicas) and replicas == 1):
         raise ValidationError("replicas", replicas, "1 unless client is given (copies live on cluster workers)")
     loc = Location(url, dict(storage_options or {}))
     if client is None:
@@ -316,6 +317,7 @@ class Index:
         xq_raw, xq, nprobe, max_codes, allowed, kern = self._prepare(xq, nprobe, max_codes, ids_allowed, backend)
         kc = k * k_factor if self.codec.refine else k
         nq = len(xq)
+        check_result_size(k, nq * k + nprobe * kc)  # the results, and one query's partials at least
         D = np.empty((nq, k), dtype=np.float32)
         I = np.empty((nq, k), dtype=np.int64)
         kmetric = kernel_metric(self.metric)
