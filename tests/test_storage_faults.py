@@ -1,5 +1,7 @@
 """A disk that fills up under a build: a clear error naming the path, the committed index as it
-was, and a rerun (once there is space) that resumes and ends with the right index.
+was, and a rerun (once there is space) that resumes and ends with the right index. And a merge
+bigger than its workers' memory: really killed by Dask's nanny, retried, then a clear error
+naming the setting to lower, never a hang.
 
 ENOSPC cannot be produced on demand on the test machine's disk, so it is injected where the
 kernel would raise it: in the worker processes of the session's real LocalCluster
@@ -163,3 +165,47 @@ def test_disk_full_while_writing_a_shard(client, committed, data, tmp_path):
     index = _rerun_equals_clean(client, committed, data, url)
     assert index.manifest.build["resumed_chunks"] == N // CHUNK
     assert index.manifest.build["resumed_shards"] == merged
+
+
+# --------------------------------------------------------------------------- a merge bigger than a worker's memory
+
+OOM_N, OOM_D, OOM_NLIST, OOM_LIMIT = 800_000, 64, 16, "300MiB"
+
+
+def test_oversized_merge_kills_its_workers_and_the_error_names_shard_bytes(tmp_path):
+    """A real out-of-memory: a shard of ~210 MB (shard_bytes=1 GiB) merged on workers limited to
+    300 MiB, which Dask's nanny kills at 95 % of the limit. Dask retries the task on the other
+    worker (allowed-failures = 1 here, 3 by default), then the build fails within a bounded time
+    with WorkerKilledError naming the merge task and the setting to lower; the committed index is
+    unchanged, and the same build with a smaller shard_bytes completes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import dask
+    from distributed import Client, LocalCluster
+
+    from distann.cluster import WORKER_ENV
+    from distann.errors import WorkerKilledError
+    from distann.synthetic import write_npy
+
+    src = str(tmp_path / "big.npy")
+    write_npy(src, OOM_N, OOM_D, seed=5)
+    small, xq = dataset(5000, OOM_D, 10, seed=6)
+    url = str(tmp_path / "idx.zarr")
+    common = {"spec": f"IVF{OOM_NLIST},Flat", "niter": 2}
+    with dask.config.set({"distributed.scheduler.allowed-failures": 1}), \
+            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None,
+                         memory_limit=OOM_LIMIT, env=WORKER_ENV) as cluster, Client(cluster) as c, \
+            ThreadPoolExecutor(1) as pool:
+        before = distann.build(small, url, client=c, **common).search(xq, k=5, nprobe=4)
+        job = pool.submit(distann.build, src, url, client=c, overwrite=True, shard_bytes=2**30, **common)
+        with pytest.raises(WorkerKilledError) as err:
+            job.result(timeout=300)  # never a hang
+        message = str(err.value)
+        assert err.value.stage == "merge" and "shard s000000" in err.value.task, message
+        assert "lower shard_bytes (distann.build.shard-bytes)" in message and "out of memory" in message, message
+        index = distann.open_index(url)
+        assert index.manifest.generation == 1 and index.ntotal == 5000
+        np.testing.assert_array_equal(index.search(xq, k=5, nprobe=4)[1], before[1])
+        index = pool.submit(distann.build, src, url, client=c, overwrite=True, shard_bytes=8 << 20,
+                            **common).result(timeout=300)
+        assert index.ntotal == OOM_N and index.manifest.generation == 2 and len(index.manifest.shards) > 1
