@@ -92,12 +92,12 @@ class Workers:
     """``n`` `dask worker` processes, each a nanny and its single-threaded worker process, on
     the scheduler at ``address``, and a client of that scheduler."""
 
-    def __init__(self, address: str, logs: Path, n: int = 2, env: dict | None = None):
+    def __init__(self, address: str, logs: Path, n: int = 2, env: dict | None = None, memory_limit: str = "2GiB"):
         from distributed import Client
 
         self.address, self.n = address, n
         self.procs = [start_process([sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1",
-                                     "--no-dashboard", "--host", "127.0.0.1", "--memory-limit", "2GiB"],
+                                     "--no-dashboard", "--host", "127.0.0.1", "--memory-limit", memory_limit],
                                     logs / f"worker{i}.log", env) for i in range(n)]
         self.client = None
         try:
