@@ -288,8 +288,8 @@ class TaskNames:
         tries = exc.allowed_failures + 1
         return WorkerKilledError(
             f"{self.job}: the {stage} stage's {what} (Dask task {key}) was given to {tries} worker process(es) "
-            f"in turn and each died while running it (killed by the operating system or a signal: out of "
-            f"memory, a crash in native code); Dask gives up after distributed.scheduler.allowed-failures = "
+            f"in turn and each died before finishing it (killed by the operating system, its nanny or a signal: "
+            f"out of memory, a crash in native code); Dask gives up after distributed.scheduler.allowed-failures = "
             f"{exc.allowed_failures} retries. {self.unchanged}. The last worker was {last}: see its log"
             + (f"; if the workers ran out of memory, lower {hint}" if hint else ""), stage, what, str(key))
 
