@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -186,9 +187,21 @@ def kill_phase(client, service: Service, queries: str, args, token: str, replica
             "during_recovery": summarize(rows, k0, k1), "after_recovery": summarize(rows, k1)}
 
 
+def _by_second(rows: list) -> list:
+    """(second, requests started, errors, max latency ms) for each second of the run."""
+    out: dict[int, list] = {}
+    for start, lat, st in rows:
+        b = out.setdefault(int(start), [0, 0, 0.0])
+        b[0] += 1
+        b[1] += st != 200
+        b[2] = max(b[2], lat * 1e3)
+    return [(sec, *vals) for sec, vals in sorted(out.items())]
+
+
 def chaos_phase(client, service: Service, queries: str, args, token: str) -> dict:
     """(d): the load while a worker is SIGKILLed every ``--kill-every`` seconds, the two in turn."""
     kills: list[dict] = []
+    timeline: list[tuple] = []  # (time, shards resident, copies on distinct workers, workers)
     stop = threading.Event()
     expected_copies = None
 
@@ -200,23 +213,27 @@ def chaos_phase(client, service: Service, queries: str, args, token: str) -> dic
         nonlocal expected_copies
         h = service.health()
         expected_copies = h["shards"] * 2
-        for i in range(int(args.chaos_seconds // args.kill_every)):
+        survivors: set = set()
+        for i in range(math.ceil(args.chaos_seconds / args.kill_every) - 1):  # kills inside the run only
             if stop.wait(args.kill_every if i == 0 else max(0.0, t_next - time.perf_counter())):
                 return
             t_next = time.perf_counter() + args.kill_every
             pids = client.run(os.getpid)  # the workers alive now (a restarted one has a new address)
-            victim, pid = sorted(pids.items())[i % len(pids)]
+            # the two in turn: the survivor of the last kill (not its restarted replacement)
+            victim, pid = sorted(pids.items(), key=lambda kv: (kv[0] not in survivors, kv[0]))[0]
+            survivors = set(pids) - {victim}
             t_kill = time.perf_counter()
             os.kill(pid, signal.SIGKILL)
             back = None
-            while time.perf_counter() - t_kill < args.kill_every:
+            while time.perf_counter() - t_kill < args.kill_every - 0.5:
                 try:
-                    if time.perf_counter() - t_kill > 0.5 and resident(service.health()):
+                    h = service.health()
+                    timeline.append((time.perf_counter(), h["shards_resident"], h["copies_resident"], h["workers"]))
+                    if back is None and time.perf_counter() - t_kill > 0.5 and resident(h):
                         back = time.perf_counter() - t_kill
-                        break
                 except Exception:  # noqa: BLE001 - the health probe may time out under load: probe again
                     pass
-                time.sleep(0.1)
+                time.sleep(0.25)
             kills.append({"worker": victim, "t_kill": t_kill, "resident_again_s": back})
             log.info("killed %s; all copies resident again after %s s", victim,
                      "more than the kill interval" if back is None else f"{back:.1f}")
@@ -242,6 +259,8 @@ def chaos_phase(client, service: Service, queries: str, args, token: str) -> dic
                         "next_5s": summarize(rows, k0, k0 + 5.0)})
     return {"replicas": 2, "clients": args.clients, "seconds": args.chaos_seconds, "kill_every_s": args.kill_every,
             "kills": windows, "statuses": statuses, "whole_run": summarize(rows),
+            "health": [(round(t - t0, 2), *rest) for t, *rest in timeline],
+            "latency_by_second": _by_second(rows),
             "machine": machine()}
 
 
@@ -268,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("distann.train.kmeans").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health probe otherwise
     os.makedirs(args.data, exist_ok=True)
     os.makedirs(args.out, exist_ok=True)
     import faiss
@@ -375,8 +395,10 @@ def markdown(r: dict, args) -> str:
         lines += ["", f"## (d) {c['clients']} clients for {c['seconds']:.0f} s, a worker SIGKILLed every "
                   f"{c['kill_every_s']:.0f} s (replicas=2)", "",
                   f"Measured {cm['date']} on {cm['cores']} cores shared with other work (latencies are noisy). "
-                  "Each kill alternates between the two workers; the nanny restarts the killed one and the "
-                  "service places the second copies again.", "",
+                  "Each kill takes the survivor of the previous one (the worker holding the copies that were "
+                  "not lost), its nanny restarts it, and the service answers from the other copies, sends "
+                  "scans waiting on a lost copy to another copy and loads the second copies again on the "
+                  "restarted worker. Errors: any answer other than 200, or none within 30 s.", "",
                   "| requests | errors | statuses | QPS | p50 ms | p99 ms | max ms |", "|---|---|---|---|---|---|---|",
                   f"| {w['requests']:,} | **{w['errors']}** | "
                   f"{', '.join(f'{k}: {v:,}' for k, v in sorted(c['statuses'].items()))} | {w['qps']:,.0f} | "

@@ -21,10 +21,10 @@ rule (distance, then id) as local search, so results are identical to ``Index.se
 
 Failure. A scan task whose worker dies is run again by the scheduler once its shard is back
 (on another replica's worker or recomputed from the store): the search completes, only later.
-The scheduler recomputes a lost copy on a surviving worker, often the one holding the shard's
-other copy; once a worker without a copy of the shard is there (the restarted one), the copy
-is loaded there again and the co-located one dropped (:meth:`DistributedIndex._respread`, on
-the next search or health check), so that ``replicas=2`` survives the next death too.
+With replicas, a scan waiting on a copy lost with its worker is sent again to a resident copy;
+the lost copy is dropped rather than recomputed next to the other one, and loaded again on a
+worker holding no copy of the shard once there is one (the restarted worker), so that
+``replicas=2`` survives the next death too (:meth:`DistributedIndex._respread`).
 A shard that cannot be answered (its load fails, a task fails for good, or the ``timeout``
 passes) raises :class:`~distann.errors.ShardsUnavailableError` naming the shards, or, with
 ``allow_partial=True``, returns what answered with ``coverage`` (fraction of probes answered)
@@ -51,6 +51,9 @@ from distann.store.readers import ReaderLease
 from distann.validation import check_k, check_positive_int, check_radius
 
 log = logging.getLogger(__name__)
+
+#: with replicas, how often (s) a search checks whether a scan waits on a copy lost with its worker
+_REROUTE_POLL = 0.25
 
 #: a batch whose queries, repeated in every scan task, stay under this many bytes is sent inline
 _INLINE_BYTES = 1 << 20
@@ -99,7 +102,7 @@ class DistributedIndex:
         self._token = uuid.uuid4().hex[:12]
         self.shards: list[list] = []  # futures, [shard][replica]
         self._where_cache: tuple[dict | None, float] = (None, 0.0)
-        self._moves: dict[tuple[int, int], Any] = {}  # (shard, replica) -> its copy loading on another worker
+        self._moves: dict[int, Any] = {}  # shard -> a copy of it being loaded on a worker holding none
         self._moves_lock = threading.Lock()
         self._backends_checked: set[str] = set()  # kernel backends every worker was seen to run
         self._lease = ReaderLease(local.loc, m.generation) if lease else None
@@ -198,46 +201,54 @@ class DistributedIndex:
                 "copies_resident": copies, "workers": len(self.client.scheduler_info()["workers"])}
 
     def _respread(self, who: dict) -> None:
-        """Keep the copies of each shard on distinct workers (``who``: key -> workers, from
-        ``who_has``). A copy sharing its worker with another copy of the shard is loaded again on
-        a worker holding none (least loaded first); once there, it replaces the co-located one,
-        which is dropped (by reference count: a scan already submitted on it still completes)."""
+        """Keep the ``replicas`` copies of each shard on distinct workers (``who``: key -> workers,
+        from ``who_has``; called on every refresh of the placement). While another copy of the
+        shard is resident, a copy lost with its worker is dropped, not left for the scheduler to
+        recompute on a survivor (next to the other copy, on the worker now serving that shard
+        alone), and so is a copy sharing its worker with another. A shard short of copies gets
+        one loaded on a worker holding none (least loaded first), added once resident. Dropped
+        copies go with their last reference: a scan already submitted on one still completes."""
         if self.replicas < 2 or not self.shards or not self._moves_lock.acquire(blocking=False):
             return  # another thread is at it
         try:
             workers = sorted(self.client.scheduler_info()["workers"])
-            held = {s: [set(who.get(f.key, ())) for f in reps] for s, reps in enumerate(self.shards)}
-            for (s, r), new in list(self._moves.items()):
-                if new.status in ("error", "cancelled") or s >= len(self.shards):
-                    del self._moves[(s, r)]
-                elif new.status == "finished":
-                    there = set(self.client.who_has([new]).get(new.key, ()))
-                    others = set().union(*(h for i, h in enumerate(held[s]) if i != r))
-                    del self._moves[(s, r)]
-                    if there and not there & others:
-                        self.shards[s][r] = new  # the old copy goes with its last reference
-                        held[s][r] = there
-                        log.info("shard %s: copy %d moved to %s (it shared a worker with another copy)",
-                                 self._names[s], r, ", ".join(sorted(there)))
+            for s, new in list(self._moves.items()):  # loads started earlier
+                if new.status == "pending":
+                    continue
+                del self._moves[s]
+                there = set(self.client.who_has([new]).get(new.key, ())) if new.status == "finished" else set()
+                taken = set().union(*(who.get(f.key, ()) for f in self.shards[s]))
+                if there and not there & taken:
+                    who = {**who, new.key: tuple(there)}
+                    self.shards[s] = [*self.shards[s], new]
+                    log.info("shard %s: a copy loaded on %s", self._names[s], ", ".join(sorted(there)))
             load = dict.fromkeys(workers, 0)
-            for hs in held.values():
-                for h in hs:
-                    for w in h:
-                        if w in load:
-                            load[w] += 1
-            for s, hs in held.items():
-                for r in range(1, len(hs)):
-                    if (s, r) in self._moves or not hs[r] or not hs[r] & set().union(*hs[:r]):
-                        continue
-                    free = [w for w in workers if not any(w in h for h in hs)]
-                    if not free:
-                        continue
-                    w = min(free, key=lambda w: (load[w], w))
-                    load[w] += 1
-                    key = f"distann-shard-{self._token}-g{self.generation}-{s:05d}-r{r}-{uuid.uuid4().hex[:6]}"
-                    self._moves[(s, r)] = self.client.submit(load_shard, self.local.loc, self.local.manifest, s,
-                                                             key=key, pure=False, workers=[w],
-                                                             allow_other_workers=True)
+            for s, reps in enumerate(self.shards):
+                kept, seen = [], set()
+                for f in reps:
+                    where = set(who.get(f.key, ()))
+                    if f.status == "finished" and where and not where & seen:
+                        kept.append(f)
+                        seen |= where
+                resident = len(kept)
+                kept += [f for f in reps if f.status == "pending"]  # still being loaded for the first time
+                if resident and len(kept) < len(reps):
+                    self.shards[s] = kept
+                for w in seen:
+                    if w in load:
+                        load[w] += 1
+            for s, reps in enumerate(self.shards):
+                if len(reps) >= self.replicas or s in self._moves:
+                    continue
+                taken = set().union(*(who.get(f.key, ()) for f in reps))
+                free = [w for w in workers if w not in taken]
+                if not free:
+                    continue
+                w = min(free, key=lambda w: (load[w], w))
+                load[w] += 1
+                key = f"distann-shard-{self._token}-g{self.generation}-{s:05d}-{uuid.uuid4().hex[:8]}"
+                self._moves[s] = self.client.submit(load_shard, self.local.loc, self.local.manifest, s, key=key,
+                                                    pure=False, workers=[w], allow_other_workers=True)
         finally:
             self._moves_lock.release()
 
@@ -391,22 +402,27 @@ class DistributedIndex:
             replica = self._pick(s, work, where, probes.npairs)
             w = where.get(replica.key)
             hint = {} if w is None else {"workers": [w], "allow_other_workers": True}
-            tasks.append((s, probes.npairs, client.submit(fn, replica, batch, probes, *args, pure=False, **hint)))
-        futures = [t[2] for t in tasks]
+            tasks.append([s, probes.npairs, client.submit(fn, replica, batch, probes, *args, pure=False, **hint),
+                          replica, probes])
         timed_out = False
+        poll = _REROUTE_POLL if self.replicas > 1 else None
         while True:  # a finished scan whose result was lost with its worker is computed again
-            waiting = [f for f in futures if f.status not in ("finished", "error", "cancelled")]
+            waiting = [t for t in tasks if t[2].status not in ("finished", "error", "cancelled")]
             if not waiting:
                 break
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 timed_out = True
                 break
+            if poll is not None:
+                self._reroute(waiting, fn, batch, args)
             try:
-                _wait(client, waiting, remaining)
+                _wait(client, [t[2] for t in waiting], remaining if poll is None else min(poll, remaining or poll))
             except TimeoutError:
-                timed_out = True
-                break
+                if poll is None:
+                    timed_out = True
+                    break
+        tasks = [(s, npairs, f) for s, npairs, f, _, _ in tasks]
         done, failed = [], []
         for s, npairs, f in tasks:
             (done if f.status == "finished" else failed).append((s, npairs, f))
@@ -431,6 +447,21 @@ class DistributedIndex:
         if not inline:
             batch.release()
         return results
+
+    def _reroute(self, waiting: list, fn, batch, args: tuple) -> None:
+        """Send again, to a resident copy, each waiting scan whose copy was lost with its worker
+        (``[shard, npairs, future, copy, probes]`` entries, updated in place) instead of waiting
+        for the scheduler to recompute that copy; the scan left behind is dropped."""
+        for t in waiting:
+            s, replica = t[0], t[3]
+            if replica.status != "lost":
+                continue
+            resident = [f for f in self.shards[s] if f.status == "finished"]
+            if not resident:
+                continue  # no copy left: the scheduler recomputes it from the store
+            t[3] = resident[0]
+            t[2] = self.client.submit(fn, t[3], batch, t[4], *args, pure=False)
+            log.debug("shard %s: a scan on a copy lost with its worker sent to another copy", self._names[s])
 
     # ------------------------------------------------------------------ merging
     def _merge_knn(self, kern, nq: int, results: list[ShardResult], k: int, kk: int):
