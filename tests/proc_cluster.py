@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,9 +20,16 @@ from pathlib import Path
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from distann.cluster import WORKER_ENV
-from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A free loopback port (not tests.conftest's: worker processes import this module, and
+    conftest switches Numba to its CUDA simulator on import)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_until(predicate, timeout: float, what: str, step: float = 0.1):

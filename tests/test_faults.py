@@ -2,12 +2,21 @@
 multi-process Dask cluster: a `dask scheduler` process and two `dask worker` processes, each
 under its nanny (which restarts a killed worker), all started as subprocesses.
 
-Every kill is a real SIGKILL of a process: a worker process kills itself from inside a chosen
-task (a worker plugin on the task's state, or distann's private ``DISTANN_KILL_TASK`` hook at
-a point partway through a task's output), the scheduler and the driver are killed from here
-or by the ``DISTANN_KILL_BEFORE_COMMIT`` hook. A marker file makes a kill happen exactly once
-(and proves that it happened). Results are compared with a clean run on the same cluster:
-every index array, the k-means objective, big-batch and dedup outputs, bit for bit.
+Faults: a worker killed once during k-means, add (partway through a task, or after its tasks
+finished), merge, a big-batch scan and dedup's last stage (results equal a clean run); the
+scheduler killed mid-build (a clear error, the rerun resumes); the driver killed just before
+the commit (readers keep the previous index); a poison task in a build, a big-batch and a
+dedup job (a WorkerKilledError naming it); a worker out of memory in a merge (the nanny's
+kill; the error names shard_bytes, never a hang). Two builds racing for one URL are in
+tests/test_lease.py, a worker killed during distributed search in tests/test_distributed.py.
+
+Every kill is real: a worker process SIGKILLs itself from inside a chosen task (a worker
+plugin on the task's state, or distann's private ``DISTANN_KILL_TASK`` hook at a point partway
+through a task's output), the scheduler is SIGKILLed from here, the driver by the
+``DISTANN_KILL_BEFORE_COMMIT`` hook, the out-of-memory worker by its nanny. A marker file makes
+a kill happen exactly once (and proves that it happened). Results are compared with a clean
+run on the same cluster: every index array, the k-means objective, big-batch and dedup
+outputs, bit for bit.
 """
 
 from __future__ import annotations
