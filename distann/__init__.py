@@ -9,6 +9,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from distann import config as _config  # noqa: F401  registers distann's dask.config defaults now: a
+# dask.config.set({"distann...": ...}) block entered before they were registered would remove the
+# whole section, defaults included, when it exits
+
 __version__ = "0.1.0"
 
 _EXPORTS = {

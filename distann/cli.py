@@ -287,7 +287,22 @@ def _job(kind: str, args: argparse.Namespace) -> Any:
     for name in fields:
         if name not in overrides and name not in mapping:
             labels[name] = f"{_flag(kind, name)} (or `{name}` in --config)"
-    return config.from_dict(kind, {**mapping, **overrides}, origin=origin, labels=labels)
+    merged = {**mapping, **overrides}
+    for name in _PATH_FIELDS.intersection(merged):
+        merged[name] = _resolve_local(merged[name])
+    return config.from_dict(kind, merged, origin=origin, labels=labels)
+
+
+#: job fields naming data: a local path given on the command line or in a job file is the
+#: user's own, so ``../idx`` is resolved here (the library refuses '..' in the URLs it is given)
+_PATH_FIELDS = frozenset({"source", "index", "out", "queries", "ids"})
+
+
+def _resolve_local(value: Any) -> Any:
+    """``value`` made an absolute, normalized path when it is a local path; anything else unchanged."""
+    if not isinstance(value, str) or not value or "://" in value or "::" in value:
+        return value
+    return os.path.abspath(os.path.expanduser(value))
 
 
 def _progress(args: argparse.Namespace) -> bool:

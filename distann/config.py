@@ -37,9 +37,10 @@ key                            default      meaning
 ``distann.store.protocols``    see below    fsspec protocols an index, source or output URL
                                             may use: file (local paths), memory, s3, s3a, gs,
                                             gcs, az, abfs, abfss; others are refused
-``distann.store.chains``       ``[]``       caching filesystems (simplecache, filecache,
-                                            blockcache) a ``::`` chained URL may put in front
-                                            of its target; empty: chained URLs are refused
+``distann.store.chains``       ``[]``       caching filesystems (only simplecache: blockcache
+                                            and filecache fail under concurrent reads) a ``::``
+                                            chained URL may put in front of its target; empty:
+                                            chained URLs are refused
 =============================  ===========  ==================================================
 
 They are set like any dask option: in a dask YAML file (``~/.config/dask/*.yaml``), with

@@ -157,7 +157,10 @@ def check_ids_allowed(allowed: object) -> None:
 #: fsspec filesystems a chained URL (``simplecache::s3://...``) may put in front of its target:
 #: local caches of the target's files, which read nothing but what the target holds. Other
 #: chain links (``reference::``, ``zip::``, ``dir::``...) can redirect reads anywhere.
-CACHING_PROTOCOLS = ("simplecache", "filecache", "blockcache")
+#: ``blockcache`` and ``filecache`` are caches too, but share cache metadata that concurrent
+#: reads (distann reads chunks concurrently) corrupt: a KeyError mid-search (fsspec issue 1126,
+#: docs/benchmarks/s3.md), so they are not offered.
+CACHING_PROTOCOLS = ("simplecache",)
 
 #: storage options that make fsspec open another filesystem than the URL names
 REDIRECTING_OPTIONS = ("protocol", "target_protocol", "fo")

@@ -85,6 +85,20 @@ def test_search(index, data):
         assert (res["I"] >= 0).all() and (res["I"] < N).all()
 
 
+def test_relative_paths_with_dot_dot_are_the_users_own(index, data, monkeypatch):
+    """The library refuses '..' in URLs it is handed; on the command line a relative path is the
+    user's own and is resolved first, so `distann search ../index.zarr ...` works."""
+    sub = data["root"] / "sub"
+    sub.mkdir(exist_ok=True)
+    monkeypatch.chdir(sub)
+    rel = lambda p: "../" + str(p).rsplit("/", 1)[1]  # noqa: E731
+    assert run(["search", rel(index), rel(data["queries"]), "--k", str(K), "--nprobe", "4",
+                "--out", "../res-rel.npz"]) == 0
+    _, I_ref = distann.open_index(index).search(np.load(data["queries"]), k=K, nprobe=4)
+    with np.load(data["root"] / "res-rel.npz") as res:
+        np.testing.assert_array_equal(res["I"], I_ref)
+
+
 def test_search_exhaustive_matches_ground_truth(index, data):
     out = data["root"] / "res-all.npz"
     assert run(["search", index, data["queries"], "--k", str(K), "--nprobe", str(NLIST), "--out", str(out)]) == 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
 import dask.config
@@ -248,3 +250,15 @@ def test_tunable_environment_bad_value(refreshed_env):
 def test_environment_restored():
     assert config.get("build.chunk-rows") == 65536
     assert config.get("search.batch-size") == 16384
+
+
+def test_a_setting_changed_before_distann_config_is_used_keeps_the_defaults():
+    """The defect: dask.config.set of a distann key before distann.config was imported removed
+    the whole distann section (defaults included) when the block exited: KeyError 'distann'."""
+    code = ("import dask.config, distann\n"
+            "with dask.config.set({'distann.store.chains': ['simplecache']}):\n"
+            "    from distann import config  # as a first open_index inside the block would\n"
+            "print(config.get('search.cache-bytes'))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "auto"
