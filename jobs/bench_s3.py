@@ -15,9 +15,10 @@ one call, best of two) and the S3 requests a single-query search sends:
 * ``s3-no-cache``: S3, ``cache_bytes=0``;
 * ``s3-lru``: S3, a list cache of a quarter of the index (recently searched lists kept);
 * ``s3-default``: S3, the default list cache (the whole index loaded at the first search);
-* ``s3-simplecache`` / ``s3-blockcache``: S3 behind fsspec's caching filesystem
-  (``simplecache::s3://...``, allowed by ``distann.store.chains``), ``cache_bytes=0``: chunk
-  files cached on local disk at first read.
+* ``s3-simplecache``: S3 behind fsspec's caching filesystem (``simplecache::s3://...``,
+  allowed by ``distann.store.chains``), ``cache_bytes=0``: chunk files cached on local disk at
+  first read. (``blockcache::`` and ``filecache::`` are refused by distann: their shared cache
+  metadata fails under concurrent reads, fsspec/filesystem_spec#1126.)
 
 Moto on loopback answers in well under a millisecond, far faster than S3 (first-byte latency
 of tens of milliseconds), so ``--delays-ms`` repeats the S3 measurements with that much latency
@@ -53,7 +54,7 @@ from _measure import machine  # noqa: E402
 
 log = logging.getLogger("bench_s3")
 BUCKET = "distann-bench"
-CHAINS = ("simplecache", "blockcache")
+CHAINS = ("simplecache",)
 
 
 def start_moto() -> tuple[subprocess.Popen, dict]:
@@ -271,10 +272,10 @@ def markdown(out: dict) -> str:
         "pays a GET per chunk of every probed list on every search, and reads whole ~1 MiB chunks for lists "
         "of tens of KiB (the `MiB GET` column against the probed bytes above). fsspec's `simplecache::` chained "
         "in front of S3 keeps the chunk files on local disk and then matches `local-streamed`, at the price of a "
-        "HEAD and a GET per file on first read; `blockcache::` (and probably `filecache::`, which keeps the same "
-        "cache metadata; not measured) is not safe "
-        "under concurrent reads (a `KeyError` from its cache metadata, fsspec/filesystem_spec#1126): use "
-        "simplecache or distann's cache.",
+        "HEAD and a GET per file on first read. `blockcache::` and `filecache::` are refused "
+        "(`distann.store.chains` offers only simplecache): their shared cache metadata is not safe under "
+        "concurrent reads (a `KeyError` mid-search in an earlier run of this benchmark, "
+        "fsspec/filesystem_spec#1126).",
         "",
         "The machine's 2 cores were shared with other jobs while this ran: throughput and p99 vary several-fold "
         "between runs; compare modes within a run, not across runs.",
@@ -286,7 +287,7 @@ def markdown(out: dict) -> str:
         "lists (one GET per chunk, no LIST or HEAD: tests/test_s3.py); `s3-lru`: a list cache of a quarter of "
         "the index; `local-default` / `s3-default`: the default `distann.search.cache-bytes` (`\"auto\"`, 1/8 of "
         "memory), under which an index that fits is loaded whole at its first search (the cold call) and later "
-        "searches read nothing; `s3-simplecache` / `s3-blockcache`: fsspec's caching filesystem chained in "
+        "searches read nothing; `s3-simplecache`: fsspec's caching filesystem chained in "
         "front of S3 (`simplecache::s3://...`, allowed with `distann.store.chains`), `cache_bytes=0`: each "
         "chunk file is downloaded once to local disk, then read from there.",
     ]
