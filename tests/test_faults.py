@@ -6,8 +6,8 @@ Faults: a worker killed once during k-means, add (partway through a task, or aft
 finished), merge, a big-batch scan and dedup's last stage (results equal a clean run); the
 scheduler killed mid-build (a clear error, the rerun resumes); the driver killed just before
 the commit (readers keep the previous index); a poison task in a build, a big-batch and a
-dedup job (a WorkerKilledError naming it); a worker out of memory in a merge (the nanny's
-kill; the error names shard_bytes, never a hang). Two builds racing for one URL are in
+dedup job (a WorkerKilledError naming it). A worker out of memory in a merge is in
+tests/test_storage_faults.py. Two builds racing for one URL are in
 tests/test_lease.py, a worker killed during distributed search in tests/test_distributed.py.
 
 Every kill is real: a worker process SIGKILLs itself from inside a chosen task (a worker
@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -386,35 +385,3 @@ def test_a_poison_task_of_a_job_fails_naming_it(cluster, faults, reference, quer
         np.testing.assert_array_equal(result.knn()[1], reference.search(np.load(queries), k=10, nprobe=4)[1])
     else:
         assert result["duplicate_groups"] >= 100
-
-
-# --------------------------------------------------------------------------- a worker out of memory
-def test_a_merge_too_large_for_the_workers_memory_fails_naming_the_setting(tmp_path):
-    """A real out-of-memory kill: one worker with a 400 MiB memory limit (the nanny kills it at
-    95%; pausing is off, so a full worker cannot stall the job) merging a ~300 MB shard. The
-    build fails within a minute or two, never hangs, with a WorkerKilledError naming the shard
-    and shard_bytes; rerun with a smaller shard_bytes, the same build completes."""
-    src = write_npy(str(tmp_path / "big.npy"), 1_200_000, 64)  # 307 MB: one shard of 1 GiB shard_bytes
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    scheduler = Scheduler(logs, {**SCHEDULER_ENV, "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "1"})
-    workers = None
-    try:
-        workers = Workers(scheduler.address, logs, n=1, memory_limit="400MiB",
-                          env={"DASK_DISTRIBUTED__WORKER__MEMORY__PAUSE": "False"})
-        build = dict(spec="IVF16,Flat", niter=2, chunk_rows=100_000, client=workers.client)
-        t0 = time.monotonic()
-        with pytest.raises(WorkerKilledError) as info:
-            distann.build(src, str(tmp_path / "idx.zarr"), shard_bytes=2**30, **build)
-        assert time.monotonic() - t0 < 240
-        assert (info.value.stage, info.value.task) == ("merge", "merge task of shard s000000")
-        assert "lower shard_bytes (distann.build.shard-bytes)" in str(info.value)
-        assert "exceeded 95% memory budget" in (logs / "worker0.log").read_text()
-        workers.wait_for_workers()
-        index = distann.build(src, str(tmp_path / "idx.zarr"), shard_bytes=40_000_000, **build)
-    finally:
-        if workers is not None:
-            workers.close()
-        scheduler.close()
-    assert len(index.manifest.shards) >= 4 and index.ntotal == 1_200_000
-    assert np.array_equal(np.sort(index.lists.load_all().ids), np.arange(1_200_000))
