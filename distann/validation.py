@@ -112,8 +112,8 @@ def check_nprobe(nprobe: object, nlist: int) -> int:
 def check_max_codes(max_codes: object) -> int | None:
     if max_codes is None:
         return None
-    if not is_int(max_codes) or max_codes < 1:
-        raise ValidationError("max_codes", max_codes, "a positive integer or None (no limit)")
+    if not is_int(max_codes) or not 1 <= max_codes < 2**63:  # an int64 budget (the plan sums sizes in int64)
+        raise ValidationError("max_codes", max_codes, "a positive integer below 2**63, or None (no limit)")
     return int(max_codes)
 
 

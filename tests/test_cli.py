@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import logging
 
 import numpy as np
@@ -211,7 +212,7 @@ def test_cli_workers_replace_config_scheduler(tmp_path):
     cfg = tmp_path / "build-s.yaml"
     cfg.write_text("source: a.npy\nindex: b.zarr\nscheduler: tcp://h:1\n")
     job = _job("build", build_parser().parse_args(["build", "--config", str(cfg), "--workers", "3"]))
-    assert (job.workers, job.scheduler, job.source) == (3, None, "a.npy")
+    assert (job.workers, job.scheduler, job.source) == (3, None, os.path.abspath("a.npy"))  # local: resolved
 
 
 def test_usage_errors_exit_2():

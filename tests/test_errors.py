@@ -148,6 +148,7 @@ def test_existing_index_refused_without_overwrite(committed):
     (lambda ix, q: ix.search(np.where(np.arange(16) == 2, np.nan, q).astype(np.float32)),
      r"xq: received .*NaN/Inf.*first in query row 0"),
     (lambda ix, q: ix.search(q, max_codes=0), r"max_codes: received 0"),
+    (lambda ix, q: ix.search(q, max_codes=2**63), r"max_codes: received 9223372036854775808; .*below 2\*\*63"),
     (lambda ix, q: ix.search(q, ids_allowed=[1, 2]), r"ids_allowed: received 'list'"),
     (lambda ix, q: ix.search(q, ids_allowed=np.array([0.5])), r"ids_allowed: received .*float64"),
     (lambda ix, q: ix.range_search(q, -1.0), r"radius: received -1.0"),

@@ -185,7 +185,7 @@ def test_search_sweep(committed, xq, k, nprobe, max_codes, allowed):
         bad.add("xq")
     if nprobe is not None and not _int_in(nprobe, 1, NLIST):
         bad.add("nprobe")
-    if max_codes is not None and not _int_in(max_codes, 1):
+    if max_codes is not None and not _int_in(max_codes, 1, 2**63 - 1):
         bad.add("max_codes")
     if ids_problem(allowed):
         bad.add("ids_allowed")
@@ -232,7 +232,7 @@ def test_range_search_sweep(committed, xq, radius, nprobe, max_codes, allowed):
         bad.add("xq")
     if nprobe is not None and not _int_in(nprobe, 1, NLIST):
         bad.add("nprobe")
-    if max_codes is not None and not _int_in(max_codes, 1):
+    if max_codes is not None and not _int_in(max_codes, 1, 2**63 - 1):
         bad.add("max_codes")
     if ids_problem(allowed):
         bad.add("ids_allowed")
