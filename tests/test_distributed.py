@@ -31,6 +31,7 @@ from distann.kernels import get_backend
 from distann.search.resident import load_shard, scan_shard
 from distann.store.readers import held_generations, reader_path
 from tests.conftest import free_port
+from tests.proc_cluster import wait_until as _wait_until
 
 N, DIM, NQ, NLIST = 20_000, 32, 200, 64
 K, NPROBE = 10, 8
@@ -79,17 +80,6 @@ def _same(got, want) -> None:
 
 def _row_bytes(di) -> int:
     return di.local.lists.row_bytes
-
-
-def _wait_until(predicate, timeout: float, what: str, step: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(step)
 
 
 def _start_process(args: list[str], log: Path) -> subprocess.Popen:
