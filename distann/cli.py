@@ -515,9 +515,11 @@ def _cmd_query(args: argparse.Namespace) -> int:
     if not re.match(r"https?://", args.url):
         raise ValidationError("URL", args.url, "the http:// or https:// address of a running distann serve")
     _check_output("--out", args.out, args.storage_options)
-    if args.tls_ca is not None and not os.path.isfile(args.tls_ca):
-        raise ValidationError("--tls-ca", args.tls_ca, "an existing PEM file of CA certificates")
-    with SearchClient(args.url, token=args.token, verify=args.tls_ca or True) as service:
+    try:
+        service = SearchClient(args.url, token=args.token, verify=args.tls_ca or True)
+    except ValidationError as exc:  # the CA file: named as the command line spells it
+        raise ValidationError("--tls-ca" if exc.param == "verify" else exc.param, exc.received, exc.allowed) from None
+    with service:
         try:
             d = service.info()["d"]
         except ConnectionError as exc:

@@ -424,6 +424,8 @@ def test_cli_serve_https_on_loopback_by_default_and_query(index_url, data, expec
     (["serve", "{index}", "--tls-cert", "{tmp}/none.pem", "--tls-key", "{tmp}/none.pem"], "--tls-cert"),
     (["serve", "{index}", "--rate-limit", "lots"], "--rate-limit"),
     (["query", "https://127.0.0.1:9", "{index}", "--out", "{tmp}/r.npz", "--tls-ca", "{tmp}/none.pem"], "--tls-ca"),
+    (["query", "https://127.0.0.1:9", "{index}", "--out", "{tmp}/r.npz", "--tls-ca", "{index}/manifest.json"],
+     "--tls-ca"),  # a file, but no PEM
     (["query", "ftp://x", "{index}", "--out", "{tmp}/r.npz"], "URL"),
     (["query", "http://127.0.0.1:9", "{index}", "--out", "{tmp}/r.npz"], "running distann serve"),
 ])
