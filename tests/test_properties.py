@@ -172,15 +172,9 @@ def expect_validation(call, bad: set[str]):
 
 # --------------------------------------------------------------------------- search and range_search
 
-@settings(max_examples=300, **SETTINGS)
-@given(xq=mostly(good_queries(), queries()), k=mostly(st.integers(1, 12), numbers()),
-       nprobe=mostly(st.sampled_from([NLIST, NLIST, 1, 2, None]), numbers()),
-       max_codes=mostly(st.sampled_from([None, None, 20, 100]), numbers()), allowed=mostly(st.none(), id_filters()))
-def test_search_sweep(committed, xq, k, nprobe, max_codes, allowed):
-    index, data = committed["index"], committed["data"]
+def search_problems(xq, nprobe, max_codes, allowed) -> set[str]:
+    """The parameters shared by search and range_search that distann must refuse."""
     bad = set()
-    if k is not None and not _int_in(k, 1):
-        bad.add("k")
     if query_problem(xq):
         bad.add("xq")
     if nprobe is not None and not _int_in(nprobe, 1, NLIST):
@@ -189,6 +183,18 @@ def test_search_sweep(committed, xq, k, nprobe, max_codes, allowed):
         bad.add("max_codes")
     if ids_problem(allowed):
         bad.add("ids_allowed")
+    return bad
+
+
+@settings(max_examples=300, **SETTINGS)
+@given(xq=mostly(good_queries(), queries()), k=mostly(st.integers(1, 12), numbers()),
+       nprobe=mostly(st.sampled_from([NLIST, NLIST, 1, 2, None]), numbers()),
+       max_codes=mostly(st.sampled_from([None, None, 20, 100]), numbers()), allowed=mostly(st.none(), id_filters()))
+def test_search_sweep(committed, xq, k, nprobe, max_codes, allowed):
+    index, data = committed["index"], committed["data"]
+    bad = search_problems(xq, nprobe, max_codes, allowed)
+    if k is not None and not _int_in(k, 1):
+        bad.add("k")
     if is_int(k) and k >= 2**50:  # results that cannot fit in memory are refused, not attempted
         bad.add("k")
     out = expect_validation(lambda: index.search(xq, k, nprobe, max_codes=max_codes, ids_allowed=allowed), bad)
@@ -224,18 +230,10 @@ def radii():
        max_codes=mostly(st.sampled_from([None, None, 20, 100]), numbers()), allowed=mostly(st.none(), id_filters()))
 def test_range_search_sweep(committed, xq, radius, nprobe, max_codes, allowed):
     index, data = committed["index"], committed["data"]
-    bad = set()
+    bad = search_problems(xq, nprobe, max_codes, allowed)
     if isinstance(radius, (bool, np.bool_)) or not isinstance(radius, (int, float, np.integer, np.floating)) \
             or not np.isfinite(radius) or radius < 0:
         bad.add("radius")
-    if query_problem(xq):
-        bad.add("xq")
-    if nprobe is not None and not _int_in(nprobe, 1, NLIST):
-        bad.add("nprobe")
-    if max_codes is not None and not _int_in(max_codes, 1, 2**63 - 1):
-        bad.add("max_codes")
-    if ids_problem(allowed):
-        bad.add("ids_allowed")
     out = expect_validation(
         lambda: index.range_search(xq, radius, nprobe, max_codes=max_codes, ids_allowed=allowed), bad)
     if out is None:
