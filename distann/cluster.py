@@ -36,6 +36,16 @@ log = logging.getLogger(__name__)
 #: BLAS variables; Numba's kernels would otherwise start one thread per core in every worker)
 WORKER_ENV = {"NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
+#: Dask settings of the embedded cluster (a user's own cluster keeps its own):
+#: - no memory pause: a worker whose memory stays between the pause (80 %) and kill (95 %)
+#:   fractions after a task would take no further task and the job would wait forever; without
+#:   the pause it goes on, and a task that really needs too much memory is killed by the nanny,
+#:   retried, then reported naming the setting to lower (WorkerKilledError);
+#: - worker-saturation 1.0: one task at a time on a one-thread worker, so that a worker's death
+#:   makes only the task it was running suspect, and a poison task is the one named.
+EMBEDDED_DASK_CONFIG = {"distributed.worker.memory.pause": False,
+                        "distributed.scheduler.worker-saturation": 1.0}
+
 #: more embedded worker processes than this many per core are refused (they only thrash)
 MAX_WORKERS_PER_CORE = 4
 
@@ -115,6 +125,7 @@ def _connect(scheduler: str) -> Client:
 
 
 def _start_local(n: int, memory_limit: str | None):
+    import dask
     from distributed import LocalCluster
 
     level = logging.getLogger("distributed").getEffectiveLevel()
@@ -122,9 +133,10 @@ def _start_local(n: int, memory_limit: str | None):
     with contextlib.suppress(FileNotFoundError):
         os.remove(report)
     try:
-        return LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
-                            dashboard_address="127.0.0.1:0", memory_limit=memory_limit, env=WORKER_ENV,
-                            silence_logs=level if level <= logging.DEBUG else max(level, logging.WARNING))
+        with dask.config.set(EMBEDDED_DASK_CONFIG):  # read by the scheduler and the nannies as they start
+            return LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                dashboard_address="127.0.0.1:0", memory_limit=memory_limit, env=WORKER_ENV,
+                                silence_logs=level if level <= logging.DEBUG else max(level, logging.WARNING))
     except Exception as exc:
         if os.path.exists(report):
             os.remove(report)
@@ -297,19 +309,34 @@ class TaskNames:
 # --------------------------------------------------------------------------- working with futures
 
 def broadcast(client, data):
-    """Put ``data`` on every worker once for the tasks of this job; returns its future.
+    """Make ``data`` available to the tasks of this job; returns its future.
 
-    Never content-addressed (``hash=False``): two jobs broadcasting equal data (the same
-    centroids twice) would share one key, and the release of the first job's future could
-    drop the data under the second ("lost dependencies")."""
+    A task that returns ``data`` (its argument), not ``client.scatter``: scattered data has no
+    lineage, and Dask's Active Memory Manager (on by default) drops all but one of its copies
+    once no task waits for it. When the worker holding that last copy dies, the key is gone
+    and every task depending on it is cancelled ("lost dependencies") instead of retried. The
+    task's argument stays on the scheduler, so Dask recomputes a lost copy like any other
+    result; the first worker to run it serves it to the others. Each call is its own key
+    (``pure=False``): two jobs broadcasting equal data never share one."""
+    import dask
+    from dask.sizeof import sizeof
+    from dask.utils import parse_bytes
+
     try:
-        return client.scatter(data, broadcast=True, hash=False)
-    except TimeoutError as exc:
-        if "No valid workers" not in str(exc):
-            raise
+        client.wait_for_workers(1, timeout=config.get("cluster.connect-timeout"))
+    except TimeoutError:
         raise DistannError(f"no Dask worker is connected to the scheduler {client.scheduler.address} (none joined "
-                           "within the client's connect timeout, distann.cluster.connect-timeout); start workers "
-                           "(dask worker ADDRESS) and rerun") from None
+                           "within distann.cluster.connect-timeout); start workers (dask worker ADDRESS) and "
+                           "rerun") from None
+    # the data is the task's argument on purpose: do not warn about a "large graph"
+    threshold = max(parse_bytes(dask.config.get("distributed.admin.large-graph-warning-threshold")),
+                    2 * sizeof(data) + (1 << 20))
+    with dask.config.set({"distributed.admin.large-graph-warning-threshold": threshold}):
+        return client.submit(_broadcast_value, data, pure=False)
+
+
+def _broadcast_value(data):
+    return data
 
 
 def tree_reduce(client, futures: list, fn, fan_in: int = 2):
@@ -349,8 +376,8 @@ def wait_all(futures: Sequence, desc: str, progress: bool, gather: bool = True, 
     marks = sorted({max(1, len(futures) // 10), max(1, len(futures) // 2)}) if eta and len(futures) > 1 else []
     try:
         for fut in as_completed(futures):
-            if fut.status == "error":
-                fut.result()  # raises the task's exception
+            if fut.status in ("error", "cancelled"):
+                fut.result()  # raises the task's exception (or why it was cancelled)
             finished += 1
             if bar is not None:
                 bar.update(1)

@@ -116,6 +116,19 @@ def test_too_many_local_workers(tmp_path, caplog):
     assert caplog.text.count(f"{cores + 1} worker processes on {cores} cores") == 1
 
 
+def test_embedded_cluster_never_pauses_and_gives_each_worker_one_task():
+    """The embedded cluster's workers never pause for memory (a paused worker whose memory does
+    not fall again would make a job wait forever; unpaused, an oversized task is killed by the
+    nanny and reported), and its scheduler gives each one-thread worker one task at a time (so
+    a poison task, not a bystander, is the one named). The caller's Dask config is untouched."""
+    import dask
+
+    with client_context(workers=2) as c:
+        assert set(c.run(lambda: dask.config.get("distributed.worker.memory.pause")).values()) == {False}
+        assert c.run_on_scheduler(lambda dask_scheduler: dask_scheduler.WORKER_SATURATION) == 1.0
+    assert dask.config.get("distributed.worker.memory.pause") == 0.8
+
+
 def test_sigterm_stops_a_build_cleanly(tmp_path):
     common = ["--log-level", "WARNING", "--workers", "2", "--chunk-rows", "2000", "--niter", "4"]
     src, url = first_build(tmp_path, 60_000, "IVF8,Flat", *common)

@@ -158,6 +158,29 @@ def test_worker_killed_after_its_add_tasks_finished(cluster, faults, source, ref
     assert_same_index(got, reference)
 
 
+def test_broadcast_data_outlives_the_worker_holding_its_last_copy(cluster, faults):
+    """Dask's Active Memory Manager drops all but one copy of a broadcast key once no task waits
+    for it. SIGKILL the worker holding that copy: a task submitted afterwards still gets the
+    data (recomputed from its task), instead of being cancelled for "lost dependencies" as it
+    was when broadcast scattered the data (a scattered key has no lineage; the CI run of the
+    add-kill test above failed that way when the killed worker held the coarse quantizer)."""
+    from distann.cluster import broadcast
+
+    c = cluster.client
+    data = np.arange(10_000, dtype=np.float64)
+    f = broadcast(c, data)
+    assert c.submit(np.sum, f, pure=False).result() == data.sum()
+
+    def one_copy():
+        holders = c.who_has([f]).get(f.key, ())
+        return holders[0] if len(holders) == 1 else None
+
+    holder = wait_until(one_copy, 30, "the Active Memory Manager leaving one copy of the broadcast key")
+    os.kill(cluster.pids()[holder], signal.SIGKILL)
+    wait_until(lambda: holder not in c.scheduler_info()["workers"], 30, "the scheduler noticing the dead worker")
+    assert c.submit(np.sum, f, pure=False).result(timeout=60) == data.sum()
+
+
 # --------------------------------------------------------------------------- a poison task
 def _set_allowed_failures(client, n: int) -> int:
     """Set the running scheduler's allowed-failures (``distributed.scheduler.allowed-failures``,
