@@ -129,6 +129,26 @@ def test_embedded_cluster_never_pauses_and_gives_each_worker_one_task():
     assert dask.config.get("distributed.worker.memory.pause") == 0.8
 
 
+def test_wait_all_raises_on_a_cancelled_future_instead_of_counting_it_done():
+    """A future cancelled under a job (lost dependencies, a cancel) must not count as a finished
+    task: wait_all(gather=False) returned as if the stage were done, and the next stage failed
+    with a bare FutureCancelledError of some other key."""
+    import threading
+    import time
+    from concurrent.futures import CancelledError
+
+    from distributed import Client, LocalCluster
+
+    from distann.cluster import wait_all
+
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as lc, \
+            Client(lc) as c:
+        futures = [c.submit(time.sleep, 0.05, pure=False), c.submit(time.sleep, 3, pure=False)]
+        threading.Timer(0.5, futures[1].cancel).start()
+        with pytest.raises(CancelledError):
+            wait_all(futures, "test", progress=False, gather=False)
+
+
 def test_sigterm_stops_a_build_cleanly(tmp_path):
     common = ["--log-level", "WARNING", "--workers", "2", "--chunk-rows", "2000", "--niter", "4"]
     src, url = first_build(tmp_path, 60_000, "IVF8,Flat", *common)
