@@ -15,6 +15,19 @@ DASK_LOGGERS = ("distributed", "bokeh", "tornado")
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
+class _NoCancelledTracebacks(logging.Filter):
+    """Drops a Dask logger's record carrying an ``asyncio.CancelledError`` traceback: Dask's
+    client logs them as it shuts itself down after losing its scheduler, and the job's own error
+    (SchedulerLostError) already says what happened and what to do."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        import asyncio
+
+        exc = record.exc_info[0] if record.exc_info else None
+        return not (record.name.split(".")[0] in DASK_LOGGERS and exc is not None
+                    and issubclass(exc, asyncio.CancelledError))
+
+
 def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Python warnings (a TrainingWarning, say) as one log line, not file:line and source."""
     logging.getLogger("distann").warning("%s: %s", category.__name__, message)
@@ -35,3 +48,6 @@ def setup(level: str = "INFO", verbose: bool = False) -> None:
     for name in DASK_LOGGERS:  # never more talkative than Dask's own defaults (bokeh: ERROR)
         logger = logging.getLogger(name)
         logger.setLevel(max(logger.getEffectiveLevel(), numeric, logging.WARNING))
+    for handler in logging.getLogger().handlers:  # a handler's filter sees the records of every child logger
+        if not any(isinstance(f, _NoCancelledTracebacks) for f in handler.filters):
+            handler.addFilter(_NoCancelledTracebacks())

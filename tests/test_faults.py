@@ -133,6 +133,26 @@ def test_worker_killed_during_kmeans(cluster, faults, source, reference, tmp_pat
     assert_same_index(got, reference)
 
 
+@pytest.mark.parametrize("func,nth", [("train_group", 1), ("quantizer_stats", 3)])
+def test_worker_killed_during_two_level_kmeans(cluster, faults, source, tmp_path, func, nth):
+    """Two-level k-means: the worker running a level-2 group's training (or a refinement block)
+    is SIGKILLed; the pieces and blocks it held are recomputed and the build equals a clean
+    two-level build, centroids, quantizer and lists."""
+    two = {**BUILD, "spec": "IVF64,Flat", "two_level": True, "nlist1": 8, "refine_niter": 2}
+    clean = distann.build(source, str(tmp_path / "clean.zarr"), client=cluster.client, **two)
+    marker = tmp_path / "killed"
+    before = cluster.pids()
+    faults(KillTask(func, "executing", nth=nth, marker=str(marker)), "kill-two-level")
+    got = distann.build(source, str(tmp_path / "idx.zarr"), client=cluster.client, **two)
+    assert marker.exists() and _restarted(before, cluster)
+    assert got.manifest.build["two_level"] == clean.manifest.build["two_level"]
+    want = clean.quantizer.arrays()
+    assert want and got.quantizer.arrays().keys() == want.keys()
+    for name, a in want.items():
+        np.testing.assert_array_equal(got.quantizer.arrays()[name], a)
+    assert_same_index(got, clean)
+
+
 @pytest.mark.parametrize("stage,task", [("add", "c000003"), ("merge", "s000001")])
 def test_worker_killed_partway_through_a_task(cluster, faults, source, reference, tmp_path, stage, task):
     """A worker SIGKILLs itself partway through one add task (codes written, ids and DONE not)
@@ -374,6 +394,79 @@ def test_worker_killed_during_a_dedup_job(cluster, faults, tmp_path):
         np.testing.assert_array_equal(a[name], b[name])
     for field in ("groups", "duplicate_groups", "duplicates_removed", "exact_duplicates", "pairs", "group_sizes"):
         assert got[field] == clean[field], field
+
+
+@pytest.mark.parametrize("job", ["big-batch", "dedup"])
+def test_scheduler_killed_mid_job_then_rerun_resumes(cluster, reference, queries, tmp_path, job):
+    """`distann search --big-batch` / `distann dedup` on its own cluster; a list-range scan is
+    held and the scheduler SIGKILLed. The job fails with a clear SchedulerLostError (no
+    traceback) and commits nothing; the cluster is started again and the same command rerun
+    resumes: the ranges scanned before the kill (and dedup's index) are not redone, and the
+    output equals a clean run's."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    out = tmp_path / "out"
+    stalled, release = tmp_path / "stalled", tmp_path / "release"
+    env = dict(os.environ)
+    if job == "big-batch":
+        clean = distann.big_batch_search(reference, queries, out=str(tmp_path / "clean.zarr"), client=cluster.client,
+                                         **BIG_BATCH)
+        out = tmp_path / "out.zarr"
+        args = ["search", reference.url, queries, "--big-batch", "--out", str(out), "--k", "10", "--nprobe", "4",
+                "--chunk-rows", "2500"]
+        commit = out / "_distann.json"
+    else:
+        src = _planted(tmp_path / "planted.npy")
+        # the index dedup builds in several shards, its self-join's scan in several list ranges (not 1)
+        env.update(DASK_DISTANN__BUILD__SHARD_BYTES="65536", DASK_DISTANN__BIGBATCH__RANGE_BYTES="65536")
+        clean = distann.dedup(src, out=str(tmp_path / "clean"), client=cluster.client, threshold=0.999,
+                              metric="cosine", chunk_rows=1500)
+        args = ["dedup", src, "--out", str(out), "--threshold", "0.999", "--metric", "cosine", "--chunk-rows", "1500"]
+        commit = out / "_summary.json"
+    scheduler = Scheduler(logs, SCHEDULER_ENV)
+    workers = None
+    try:
+        workers = Workers(scheduler.address, logs)
+        workers.client.register_plugin(StallTask("scan_range", 1, str(stalled), str(release)), name="stall")
+        cmd = cli(*args, "--scheduler", scheduler.address, quiet=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+        try:
+            wait_until(lambda: stalled.exists() or proc.poll() is not None, 240, "a list-range scan held")
+            assert proc.poll() is None, proc.stderr.read()
+            scanned = wait_until(lambda: len(list(out.glob("**/partials/*/DONE"))), 60, "ranges scanned beside it")
+            scheduler.kill()
+            release.touch()
+            _, err = proc.communicate(timeout=180)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 2, err
+        assert "lost the Dask scheduler" in err and "Traceback" not in err, err
+        assert not commit.exists()
+        workers.kill()
+        scheduler.start()
+        workers = Workers(scheduler.address, logs)
+        subprocess.run(cmd, check=True, timeout=300, env=env)
+    finally:
+        if workers is not None:
+            workers.close()
+        scheduler.close()
+    if job == "big-batch":
+        got = distann.open_result(str(out))
+        assert got.record["resumed_ranges"] >= scanned
+        for a, b in zip(got.knn(), clean.knn()):
+            np.testing.assert_array_equal(a, b)
+    else:
+        import json
+
+        summary = json.loads(commit.read_text())
+        assert summary["resumed"]["index"] and summary["resumed"]["scan_ranges"] >= scanned
+        a, b = _read_dedup(out), _read_dedup(tmp_path / "clean")
+        for name in a:
+            np.testing.assert_array_equal(a[name], b[name])
+        for field in ("groups", "duplicate_groups", "duplicates_removed", "exact_duplicates", "pairs"):
+            assert summary[field] == clean[field], field
 
 
 @pytest.mark.parametrize("job", ["big-batch", "dedup"])

@@ -299,3 +299,40 @@ def test_search_job_file_with_storage_options(s3, data, built, tmp_path):
     assert main(["--no-progress", "search", "--config", str(path)]) == 0
     res = np.load(io.BytesIO(fs.cat_file(f"{bucket}/job.npz")))
     np.testing.assert_array_equal(res["I"], built[1].search(data["xq"], k=5, nprobe=3)[1])
+
+
+def test_cli_serve_an_index_on_s3_with_storage_options(s3, data, built):
+    """``distann serve s3://... --storage-options JSON``: the service and its worker open the
+    index on S3 with the options, answer as local search, and report the index's generation."""
+    import os
+    import sys
+    import time
+
+    from distann.serve.client import SearchClient, ServiceUnreachableError
+    from tests.conftest import free_port
+
+    bucket, opts, _ = s3
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "distann.cli", "serve", built[0].url, "--workers", "1",
+                             "--port", str(port), "--batch-wait-ms", "1", "--storage-options", json.dumps(opts)],
+                            env={**os.environ, "DISTANN_TOKEN": "s3-token"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        with SearchClient(f"http://127.0.0.1:{port}", token="s3-token") as c:
+            deadline = time.time() + 90
+            while True:
+                try:
+                    health = c.health()
+                    break
+                except ServiceUnreachableError:
+                    assert proc.poll() is None and time.time() < deadline, \
+                        proc.stdout.read() if proc.poll() is not None else "no answer within 90 s"
+                    time.sleep(0.2)
+            assert c.info()["url"] == built[0].url, health
+            D, I = c.search(data["xq"], k=10, nprobe=4)
+        want = built[1].search(data["xq"], k=10, nprobe=4)
+        np.testing.assert_array_equal(I, want[1])
+        np.testing.assert_allclose(D, want[0], rtol=1e-6)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)

@@ -12,6 +12,7 @@ API and from the command line."""
 from __future__ import annotations
 
 import base64
+import json
 import os
 import pickle
 import ssl
@@ -347,18 +348,38 @@ def test_dask_tls_cluster_builds_and_searches(tls_cluster, data, tmp_path):
     np.testing.assert_allclose(Dd, local[0], rtol=1e-6)
 
 
-def test_dask_tls_refuses_plain_tcp_and_clients_without_certificates(tls_cluster):
-    from distributed import Client
-    from distributed.security import Security
+_REFUSED_CLIENTS = """
+import json
+import sys
+from distributed import Client
+from distributed.security import Security
 
+address = sys.argv[1]
+host_port = address.split("://", 1)[1]
+attempts = {"plain tcp": lambda: Client(f"tcp://{host_port}", timeout=5),
+            "tls without certificates": lambda: Client(address, timeout=5),
+            "tls with another authority": lambda: Client(address, security=Security.temporary(), timeout=5)}
+for name, connect in attempts.items():
+    try:
+        connect().close()
+        print(json.dumps([name, "connected", False, ""]))
+    except Exception as exc:
+        print(json.dumps([name, type(exc).__name__, isinstance(exc, (OSError, TimeoutError)), str(exc)]))
+"""
+
+
+def test_dask_tls_refuses_plain_tcp_and_clients_without_certificates(tls_cluster):
+    """Each refused client runs in a fresh interpreter (a Client that fails to connect can leave
+    its IO loop behind in the process, and the next one then fails inside Dask for that reason,
+    not for the one under test)."""
     cluster, c, _ = tls_cluster
-    host_port = cluster.scheduler_address.split("://", 1)[1]
-    with pytest.raises((OSError, TimeoutError)):
-        Client(f"tcp://{host_port}", timeout=5)
-    with pytest.raises(TypeError, match="ssl_context"):
-        Client(cluster.scheduler_address, timeout=5)
-    with pytest.raises((OSError, TimeoutError)):  # TLS with certificates of another authority
-        Client(cluster.scheduler_address, security=Security.temporary(), timeout=5)
+    run = subprocess.run([sys.executable, "-c", _REFUSED_CLIENTS, cluster.scheduler_address], capture_output=True,
+                         text=True, timeout=180)
+    assert run.returncode == 0, run.stderr
+    got = {name: (kind, comm_error, msg) for name, kind, comm_error, msg in map(json.loads, run.stdout.splitlines())}
+    assert got.keys() == {"plain tcp", "tls without certificates", "tls with another authority"}, run.stdout
+    assert got["plain tcp"][1] and got["tls with another authority"][1], run.stdout  # OSError / TimeoutError
+    assert got["tls without certificates"][0] == "TypeError" and "ssl_context" in got["tls without certificates"][2]
     assert c.submit(sum, [1, 2]).result() == 3  # the cluster still serves its own client
 
 

@@ -197,10 +197,12 @@ def dedup(source, threshold: float, metric: str = "cosine", *, out: str, index=N
             # ---- the self-join
             forests = [c.submit(T.dup_forest, g, pure=False) for g in groups]
             npairs, samples, used_nprobe, index_url = 0, [], None, None
+            resumed = {"index": False, "pairs": False, "scan_ranges": 0}  # what a rerun found done
             if nu > 1:
                 t0 = time.perf_counter()
                 if idx is None:
-                    idx = _build_index(c, work, queries, qcol, spec, metric, nu, progress, opts, backend)
+                    idx, resumed["index"] = _build_index(c, work, queries, qcol, spec, metric, nu, progress, opts,
+                                                         backend)
                 timings["index_s"] = time.perf_counter() - t0
                 index_url = idx.url if reused else f"built: {idx.spec}"
                 used_nprobe = nprobe if nprobe is not None else default_nprobe(idx.nlist)
@@ -218,9 +220,11 @@ def dedup(source, threshold: float, metric: str = "cosine", *, out: str, index=N
                     from distann.bigbatch.output import open_result
 
                     result = open_result(pairs_url, storage_options=opts)
+                    resumed["pairs"] = True
                 except IndexFormatError:
                     result = big_batch_search(idx, queries, **(dict(k=k) if k is not None else dict(radius=radius)),
                                               **search)
+                resumed["scan_ranges"] = int(result.record.get("resumed_ranges", 0))
                 timings["join_s"] = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 parts = [part_name(ch.name) for ch in plan_chunks(nu, chunk_rows)]
@@ -261,7 +265,8 @@ def dedup(source, threshold: float, metric: str = "cosine", *, out: str, index=N
             "groups": int(sum(reps)), "duplicate_groups": groups_with_dups, "duplicates_removed": int(src.n - sum(reps)),
             "exact_duplicates": int(ndup), "pairs": npairs, "group_sizes": hist, "representative": representative,
             "index": index_url, "nprobe": used_nprobe, "k": k, "searched_vectors": int(nu),
-            "seconds": round(time.perf_counter() - t_start, 3), "timings": {k_: round(v, 3) for k_, v in timings.items()},
+            "resumed": resumed, "seconds": round(time.perf_counter() - t_start, 3),
+            "timings": {k_: round(v, 3) for k_, v in timings.items()},
             "created": _now(), "output": out_loc.url,
         }
         _plot(out_loc, np.concatenate(samples) if samples else np.empty(0, np.float32), threshold, metric, nn)
@@ -311,6 +316,7 @@ def _reused_index(index, src, metric: str, storage_options):
 
 
 def _build_index(client, work: Location, queries, qcol, spec, metric, nu, progress, opts, backend):
+    """The index the self-join searches, and whether an earlier run of the job had built it."""
     from distann.builder.driver import build
     from distann.search.index import open_index
     from distann.store.manifest import manifest_exists
@@ -318,12 +324,12 @@ def _build_index(client, work: Location, queries, qcol, spec, metric, nu, progre
     url = posixpath.join(work.url, "index.zarr")
     loc = Location(url, opts)
     if manifest_exists(loc):  # a resumed job: the index of the first run (same key, same inputs)
-        return open_index(url, storage_options=opts, cache_bytes=0)
+        return open_index(url, storage_options=opts, cache_bytes=0), True
     spec = spec or f"IVF{default_nlist(nu)},Flat"
     log.info("building %s over the %d vectors to search", spec, nu)
     build(queries, url, spec, metric, None, client, ids_column=qcol, storage_options=opts, progress=progress,
           backend=backend)
-    return open_index(url, storage_options=opts, cache_bytes=0)
+    return open_index(url, storage_options=opts, cache_bytes=0), False
 
 
 def _nn_sample_task(index_url: str, opts: dict, queries, nprobe: int, backend: str) -> np.ndarray:
