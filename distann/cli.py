@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(p, "--max-points-per-centroid", "build", "max_points_per_centroid", type=int, metavar="N")
     _opt(p, "--chunk-rows", "build", "chunk_rows", type=int, metavar="N")
     _opt(p, "--shard-bytes", "build", "shard_bytes", type=int, metavar="N")
+    _opt(p, "--chunk-bytes", "build", "chunk_bytes", type=int, metavar="N")
     _opt(p, "--backend", "build", "backend", metavar="NAME")
     _storage_opt(p, "build")
     _opt(p, "--two-level", "build", "two_level", action=argparse.BooleanOptionalAction)
@@ -320,7 +321,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         job.source, job.index, spec=job.spec, metric=job.metric, ids=job.ids,
         overwrite=job.overwrite, niter=job.niter, seed=job.seed, init=job.init,
         max_points_per_centroid=job.max_points_per_centroid, chunk_rows=job.chunk_rows,
-        shard_bytes=job.shard_bytes, column=job.column, ids_column=job.ids_column,
+        shard_bytes=job.shard_bytes, chunk_bytes=job.chunk_bytes, column=job.column, ids_column=job.ids_column,
         storage_options=job.storage_options, workers=job.workers, scheduler=job.scheduler,
         progress=_progress(args), backend=job.backend, two_level=job.two_level, nlist1=job.nlist1,
         quantizer_nprobe=job.quantizer_nprobe, refine_niter=job.refine_niter)

@@ -11,6 +11,10 @@ key                            default      meaning
 =============================  ===========  ==================================================
 ``distann.build.chunk-rows``   65536        rows of the source handled by one add task
 ``distann.build.shard-bytes``  33554432     target bytes of one list-range shard of the index
+``distann.build.chunk-bytes``  1048576      target bytes of one stored chunk (object) of a shard's
+                                            arrays: what a search reads at least per probed list
+                                            (at least 256 rows; smaller chunks: less read per
+                                            query on object stores, more objects)
 ``distann.build.lease-seconds`` 60          a build's lease on the index's next generation
                                             expires this long after its last renewal (see
                                             ``distann.store.lease``)
@@ -97,7 +101,7 @@ __all__ = [
 #: Defaults of the ``distann`` section of dask.config, registered at import.
 DEFAULTS: dict[str, Any] = {
     "distann": {
-        "build": {"chunk-rows": 65536, "shard-bytes": 32 * 2**20, "lease-seconds": 60},
+        "build": {"chunk-rows": 65536, "shard-bytes": 32 * 2**20, "chunk-bytes": 2**20, "lease-seconds": 60},
         "cluster": {"connect-timeout": 10},
         "search": {"cache-bytes": "auto", "batch-size": 16384, "reader-lease-seconds": 60},
         "bigbatch": {"chunk-rows": 65536, "range-bytes": 64 * 2**20},
@@ -121,6 +125,7 @@ def _tunable_name(key: str, value: object) -> str:
 _TUNABLE_CHECKS: dict[str, Callable[[str, object], Any]] = {
     "build.chunk-rows": check_positive_int,
     "build.shard-bytes": check_positive_int,
+    "build.chunk-bytes": check_positive_int,
     "build.lease-seconds": check_positive_int,
     "cluster.connect-timeout": check_positive_int,
     "search.cache-bytes": lambda key, value: value if value == "auto" else check_nonnegative_int(key, value),
@@ -255,6 +260,9 @@ class BuildJob:
     max_points_per_centroid: int = _f("training sample size per centroid", _positive, 256)
     chunk_rows: int | None = _f("rows per add task (default: distann.build.chunk-rows)", _optional(_positive), None)
     shard_bytes: int | None = _f("target bytes of one list-range shard (default: distann.build.shard-bytes)",
+                                 _optional(_positive), None)
+    chunk_bytes: int | None = _f("target bytes of one stored chunk of a shard's arrays, at least 256 rows (default: "
+                                 "distann.build.chunk-bytes; smaller: less read per query on object stores)",
                                  _optional(_positive), None)
     backend: str | None = _f(_BACKEND + "; runs the k-means and the add stage's assignment on the workers, "
                              "each checked before any task", _optional(_backend), None)

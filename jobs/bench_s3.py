@@ -13,6 +13,9 @@ one call, best of two) and the S3 requests a single-query search sends:
 * ``local-default``: local disk, the default list cache (``distann.search.cache-bytes`` =
   ``"auto"``, 1/8 of memory: an index that fits is loaded whole at its first search);
 * ``s3-no-cache``: S3, ``cache_bytes=0``;
+* ``s3-no-cache-small-chunks``: S3, ``cache_bytes=0``, the index built with ``chunk_bytes`` =
+  ``--small-chunk-bytes`` (64 KiB) instead of the default 1 MiB: a search reads whole chunks,
+  so smaller ones fetch less beyond the probed lists;
 * ``s3-lru``: S3, a list cache of a quarter of the index (recently searched lists kept);
 * ``s3-default``: S3, the default list cache (the whole index loaded at the first search);
 * ``s3-simplecache``: S3 behind fsspec's caching filesystem (``simplecache::s3://...``,
@@ -157,6 +160,10 @@ def run(args) -> dict:
         t0 = time.perf_counter()
         remote = distann.build(src, f"s3://{BUCKET}/idx.zarr", args.spec, workers=args.workers, storage_options=opts)
         builds["s3"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        small = distann.build(src, f"s3://{BUCKET}/small.zarr", args.spec, workers=args.workers, storage_options=opts,
+                              chunk_bytes=args.small_chunk_bytes)
+        builds["s3_small_chunks"] = time.perf_counter() - t0
         assert np.array_equal(local.centroids, remote.centroids), "same data, same seed: the same quantizer"
         index_bytes = local.lists.nbytes
         log.info("built %s of %d x %d: local %.1f s, s3 %.1f s, lists %.1f MiB", args.spec, args.n, args.d,
@@ -164,6 +171,7 @@ def run(args) -> dict:
         fs = s3fs.S3FileSystem(**opts)
         stored = fs.du(f"{BUCKET}/idx.zarr")
         nobjects = len(fs.find(f"{BUCKET}/idx.zarr"))
+        nobjects_small = len(fs.find(f"{BUCKET}/small.zarr"))
 
         pool, batch = xq[:args.pool], xq[:args.nq]
         # what a single-query search needs: the stored bytes of its probed lists (exact coarse quantizer)
@@ -184,8 +192,8 @@ def run(args) -> dict:
             requests.delay = delay / 1e3
             so = {**opts, "session": requests.session}
             cache_dir = tempfile.mkdtemp(dir=work)
-            modes = [("s3-no-cache", remote.url, so, 0), ("s3-lru", remote.url, so, index_bytes // 4),
-                     ("s3-default", remote.url, so, None)]
+            modes = [("s3-no-cache", remote.url, so, 0), ("s3-no-cache-small-chunks", small.url, so, 0),
+                     ("s3-lru", remote.url, so, index_bytes // 4), ("s3-default", remote.url, so, None)]
             modes += [(f"s3-{c}", f"{c}::{remote.url}", {"s3": so, c: {"cache_storage": os.path.join(cache_dir, c)}}, 0)
                       for c in CHAINS]
             for name, url, options, cache in modes:
@@ -207,9 +215,11 @@ def run(args) -> dict:
                 "params": {"n": args.n, "d": args.d, "spec": args.spec, "k": args.k, "nprobe": args.nprobe,
                            "nq_batch": args.nq, "single_query_calls": args.calls, "query_pool": args.pool,
                            "delays_ms": args.delays_ms, "build_workers": args.workers,
+                           "small_chunk_bytes": args.small_chunk_bytes,
                            "default_cache_bytes": dask.config.get("distann.search.cache-bytes")},
                 "index": {"list_bytes": index_bytes, "probed_list_bytes_per_query": probed_bytes,
                           "stored_bytes_s3": stored, "objects_s3": nobjects,
+                          "objects_s3_small_chunks": nobjects_small,
                           "shards": len(local.manifest.shards)},
                 "build_s": builds, "results": results}
     finally:
@@ -237,8 +247,10 @@ def markdown(out: dict) -> str:
         "",
         f"{p['n']:,} x {p['d']} float32 synthetic vectors, `{p['spec']}`, k={p['k']}, nprobe={p['nprobe']}; "
         f"lists {ix['list_bytes'] / 2**20:.1f} MiB in {ix['shards']} shards, {ix['objects_s3']} objects "
-        f"({ix['stored_bytes_s3'] / 2**20:.1f} MiB) on S3. Same build on local disk and on S3 (moto server on "
-        f"loopback): build {out['build_s']['local']:.1f} s local, {out['build_s']['s3']:.1f} s to S3 "
+        f"({ix['stored_bytes_s3'] / 2**20:.1f} MiB) on S3 ({ix['objects_s3_small_chunks']} objects with "
+        f"{p['small_chunk_bytes'] // 1024} KiB chunks). Same build on local disk and on S3 (moto server on "
+        f"loopback): build {out['build_s']['local']:.1f} s local, {out['build_s']['s3']:.1f} s to S3, "
+        f"{out['build_s']['s3_small_chunks']:.1f} s to S3 with {p['small_chunk_bytes'] // 1024} KiB chunks "
         f"({p['build_workers']} workers). Single-query latency over {p['single_query_calls']} calls cycling "
         f"through {p['query_pool']} distinct queries (repeated searches), after one cold call; throughput: "
         f"{p['nq_batch']:,} queries in one call, best of two (first in brackets).",
@@ -262,8 +274,10 @@ def markdown(out: dict) -> str:
     lines += [
         "",
         f"A single-query search needs {ix['probed_list_bytes_per_query'] / 2**20:.2f} MiB of probed lists on "
-        "average; without a cache it GETs the whole chunks (about 1 MiB each, `store.shards.chunk_rows`) that "
-        "hold them.",
+        "average; without a cache it GETs the whole chunks that hold them: about 1 MiB each by default "
+        f"(`distann.build.chunk-bytes`), {p['small_chunk_bytes'] // 1024} KiB in `s3-no-cache-small-chunks`, "
+        "which fetches less beyond the probed lists at the price of more objects (more PUTs at build time) and "
+        "more GETs per search.",
         "",
         "**Default.** `distann.search.cache-bytes` stays `\"auto\"` (1/8 of the machine's memory): an index that "
         "fits is read whole once, with a few large concurrent GETs, at its first search, and repeated searches "
@@ -305,6 +319,8 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=200, help="single-query calls timed per mode")
     ap.add_argument("--pool", type=int, default=10, help="distinct queries the single-query calls cycle through")
     ap.add_argument("--workers", type=int, default=2, help="build workers")
+    ap.add_argument("--small-chunk-bytes", type=int, default=65536,
+                    help="chunk_bytes of the third build (the s3-no-cache-small-chunks mode)")
     ap.add_argument("--delays-ms", type=float, nargs="+", default=[0.0, 20.0],
                     help="latency added to every S3 request, one set of S3 rows per value")
     ap.add_argument("--out", default="docs/benchmarks/s3")

@@ -67,6 +67,27 @@ def test_build_logs_summary(data, caplog):
     assert f"ntotal={N}" in caplog.text and "nlist=8" in caplog.text
 
 
+def test_build_chunk_bytes_flag_and_setting(data):
+    """``--chunk-bytes`` (and the distann.build.chunk-bytes setting it defaults to) sets the size
+    of the stored chunks of the shards' arrays; the index answers as with the default chunks."""
+    import dask
+
+    url = str(data["root"] / "chunked.zarr")
+    assert run(["build", data["base"], url, "--spec", "IVF8,Flat", "--workers", "2", "--niter", "4", "--seed", "7",
+                "--chunk-bytes", "8192"]) == 0
+    idx = distann.open_index(url)
+    assert idx.manifest.build["chunk_bytes"] == 8192
+    assert all(idx.lists.shard(s).codes.chunks[0] == 256 for s in range(len(idx.manifest.shards)))  # the minimum
+    with dask.config.set({"distann.build.chunk-bytes": 0}), pytest.raises(ValidationError, match="chunk-bytes"):
+        distann.build(np.load(data["base"]), str(data["root"] / "never.zarr"), "IVF8,Flat")
+    assert run(["build", data["base"], str(data["root"] / "unchunked.zarr"), "--spec", "IVF8,Flat", "--workers", "2",
+                "--niter", "4", "--seed", "7"]) == 0
+    default = distann.open_index(str(data["root"] / "unchunked.zarr"))
+    xq = np.load(data["queries"])
+    for got, want in zip(idx.search(xq, k=5, nprobe=2), default.search(xq, k=5, nprobe=2)):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_info(index, capsys):
     assert run(["info", index]) == 0
     info = json.loads(capsys.readouterr().out)

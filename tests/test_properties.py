@@ -275,6 +275,7 @@ _BAD_BUILD = {
     "chunk_rows": st.one_of(st.integers(-5, 0), st.floats(), st.booleans(), st.text(max_size=2),
                             st.just(np.float64(64))),
     "shard_bytes": st.one_of(st.integers(-5, 0), st.floats(), st.booleans(), st.text(max_size=2)),
+    "chunk_bytes": st.one_of(st.integers(-5, 0), st.floats(), st.booleans(), st.text(max_size=2)),
     "niter": st.one_of(st.integers(-5, 0), st.floats(), st.booleans(), st.none()),
     "seed": st.one_of(st.floats(), st.booleans(), st.none(), st.text(max_size=2)),
     "init": st.one_of(st.sampled_from(["kmeans++", "", "Random"]), st.integers(), st.none()),

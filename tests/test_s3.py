@@ -252,6 +252,36 @@ def test_search_gets_only_the_chunks_of_probed_lists_once_each(counted, nq, npro
         np.testing.assert_array_equal(I, local.search(xq, k=10, nprobe=nprobe)[1])
 
 
+def test_smaller_chunks_read_less_per_query(counted, s3, client, tmp_path):
+    """The same data built with ``chunk_bytes`` = 64 KiB (instead of 1 MiB): a search GETs exactly
+    the chunks holding its probed lists, now smaller objects, so it fetches under half the bytes,
+    and answers the same."""
+    _, local, _, xb = counted
+    bucket, opts, fs = s3
+    small = distann.build(xb, str(tmp_path / "small.zarr"), "IVF64,Flat", client=client, shard_bytes=1_500_000,
+                          chunk_bytes=65536)
+    assert small.manifest.build["chunk_bytes"] == 65536 and local.manifest.build["chunk_bytes"] == 2**20
+    # 64 KiB of 128-byte rows: at most 512 rows per chunk (equal chunks: a few rows fewer)
+    assert all(400 < small.lists.shard(s).codes.chunks[0] <= 512 for s in range(len(small.manifest.shards)))
+    fs.put(str(tmp_path / "small.zarr"), f"{bucket}/small.zarr", recursive=True)
+    fetched = {}
+    xq = xb[np.random.default_rng(11).choice(len(xb), 3, replace=False)] + 0.01
+    for name, ref in (("counted", local), ("small", small)):
+        requests = Requests()
+        index = distann.open_index(f"s3://{bucket}/{name}.zarr",
+                                   storage_options={**opts, "session": requests.session}, cache_bytes=0)
+        index.search(xq, k=10, nprobe=4)  # opens the probed shards (metadata, offsets)
+        requests.take()
+        I = index.search(xq, k=10, nprobe=4)[1]
+        keys = [k for _, k, _ in requests.take()]
+        np.testing.assert_array_equal(I, local.search(xq, k=10, nprobe=4)[1])
+        dist = ((xq[:, None, :].astype(np.float64) - ref.centroids[None].astype(np.float64)) ** 2).sum(-1)
+        probed = np.unique(np.argsort(dist, axis=1, kind="stable")[:, :4])
+        assert set(keys) == _chunk_keys(ref, probed, f"{name}.zarr")
+        fetched[name] = sum(fs.size(f"{bucket}/{k}") for k in keys)
+    assert fetched["small"] < fetched["counted"] / 2, fetched
+
+
 # --------------------------------------------------------------------------- command line and job files
 
 def _cli_ok(*args: str) -> subprocess.CompletedProcess:

@@ -64,6 +64,7 @@ def _add_counts(a, b):
 def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2", ids=None, client=None, *,
           overwrite: bool = False, niter: int = 10, seed: int = 1234, init: str = "random",
           max_points_per_centroid: int = 256, chunk_rows: int | None = None, shard_bytes: int | None = None,
+          chunk_bytes: int | None = None,
           column: str | None = None, ids_column: str | None = None, storage_options: dict | None = None,
           workers: int | None = None, scheduler: str | None = None, progress: bool = False,
           backend: str | None = None, two_level: bool | None = None, nlist1: int | None = None,
@@ -80,7 +81,10 @@ def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2"
     Faiss's IndexIVF training does. ``backend``: the kernel backend of the k-means and of the
     add stage's assignment on the workers ("numba", "numpy" or "cuda"; default the
     ``distann.kernels.backend`` setting); every worker is checked to be able to run it before
-    any task is scheduled.
+    any task is scheduled. ``chunk_bytes`` (default ``distann.build.chunk-bytes``, 1 MiB): the
+    target size of one stored chunk of a shard's arrays, at least 256 rows; a search reads whole
+    chunks, so smaller chunks read less per probed list on object stores, at the cost of more
+    objects.
 
     Large ``nlist`` (``docs/SCALE.md``): with ``two_level`` (default: from ``nlist`` >= 16384 on)
     the coarse centroids come from a two-level k-means (``nlist1`` level-1 clusters, default
@@ -100,6 +104,7 @@ def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2"
     check_bool("overwrite", overwrite)
     chunk_rows = check_positive_int("chunk_rows", chunk_rows if chunk_rows is not None else config.get("build.chunk-rows"))
     shard_bytes = check_positive_int("shard_bytes", shard_bytes if shard_bytes is not None else config.get("build.shard-bytes"))
+    chunk_bytes = check_positive_int("chunk_bytes", chunk_bytes if chunk_bytes is not None else config.get("build.chunk-bytes"))
     check_cluster_args(workers, scheduler, client)
     backend = resolve_backend(backend)
     if isinstance(index_url, os.PathLike):
@@ -123,7 +128,7 @@ def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2"
     levels = _check_levels(ispec.nlist, n_sample, two_level, nlist1, quantizer_nprobe, refine_niter)
     key = build_key(source=src.fingerprint, ids=getattr(ids_src, "fingerprint", None), spec=str(ispec),
                     metric=metric, niter=niter, seed=seed, init=init, mppc=max_points_per_centroid,
-                    chunk_rows=chunk_rows, shard_bytes=shard_bytes, format=FORMAT_VERSION,
+                    chunk_rows=chunk_rows, shard_bytes=shard_bytes, chunk_bytes=chunk_bytes, format=FORMAT_VERSION,
                     **({"two_level": [levels.nlist1, levels.nprobe, levels.refine_niter]} if levels else {}))
     gen = layout.generation(committed + 1)
     if loc.list_dir(gen) and not loc.exists(layout.build_marker(gen)):
@@ -132,7 +137,7 @@ def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2"
     chunks = plan_chunks(src.n, chunk_rows)
     q = codec.quantizer
     ctx = AddContext(loc, gen, ispec.nlist, metric != "l2", q.code_dtype.str, q.code_width,
-                     src.d if codec.refine else 0, backend)
+                     src.d if codec.refine else 0, backend, chunk_bytes)
     timings: dict[str, float] = {}
     names = TaskNames(f"build of {loc.url}", f"Nothing was committed: {loc.url} holds what it held before the build "
                                               "(rerun the same build to resume it)")
@@ -221,7 +226,7 @@ def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2"
                    "ids_column": getattr(ids_src, "column", None),
                    "niter": niter, "seed": seed, "init": init, "max_points_per_centroid": max_points_per_centroid,
                    "n_sample": n_sample, "two_level": _levels_record(levels), "chunk_rows": chunk_rows,
-                   "shard_bytes": shard_bytes, "backend": backend,
+                   "shard_bytes": shard_bytes, "chunk_bytes": chunk_bytes, "backend": backend,
                    "objective": objective, "resumed_chunks": int(skipped_chunks),
                    "resumed_shards": int(sum(m[2] for m in merged)),
                    "timings": {k: round(v, 3) for k, v in timings.items()}})

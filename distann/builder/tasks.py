@@ -59,6 +59,7 @@ class AddContext:
     code_width: int
     raw_d: int  # dimension of the raw vectors kept for RFlat, 0 without
     backend: str = "numba"  # kernel backend of the assignment
+    chunk_bytes: int = 1 << 20  # target bytes of a stored chunk of the shards' arrays
 
 
 def add_chunk(ctx: AddContext, chunk: ChunkTask, source, ids_source, quantizer: FlatQuantizer,
@@ -136,7 +137,7 @@ def merge_shard(ctx: AddContext, shard: ShardTask, n: int, chunk_rows: int) -> t
                 raw[c:c + b - a] = praw[a:b]
             cursor[j] += b - a
         del part, pid, praw
-    crc = write_shard(ctx.loc.zarr_store(), base, offsets, codes, ids, raw)
+    crc = write_shard(ctx.loc.zarr_store(), base, offsets, codes, ids, raw, chunk_bytes=ctx.chunk_bytes)
     _maybe_fail("merge", shard.name)
     ctx.loc.write_json(f"{base}/DONE", {"ntotal": int(len(ids)), "checksum": crc})
     return int(len(ids)), crc, False

@@ -38,17 +38,18 @@ def chunk_rows(n: int, row_bytes: int, target_bytes: int = 1 << 20) -> int:
 
 
 def write_shard(store: Store, path: str, offsets: np.ndarray, codes: np.ndarray, ids: np.ndarray,
-                raw: np.ndarray | None = None) -> str:
-    """Write one shard's arrays under ``path``; returns its checksum (CRC-32 over offsets, ids,
-    codes and raw, in that order)."""
+                raw: np.ndarray | None = None, chunk_bytes: int = 1 << 20) -> str:
+    """Write one shard's arrays under ``path``, in chunks of about ``chunk_bytes`` (see
+    :func:`chunk_rows`); returns its checksum (CRC-32 over offsets, ids, codes and raw, in that
+    order)."""
     n = len(ids)
     with disk_full_error(f"shard {path.rpartition('/')[2]}", f"{store_url(store).rstrip('/')}/{path}"):
         write_array(store, f"{path}/offsets", offsets, (max(1, len(offsets)),))
-        write_array(store, f"{path}/ids", ids, (chunk_rows(n, 8),))
+        write_array(store, f"{path}/ids", ids, (chunk_rows(n, 8, chunk_bytes),))
         write_array(store, f"{path}/codes", codes,
-                    (chunk_rows(n, codes.shape[1] * codes.dtype.itemsize), codes.shape[1]))
+                    (chunk_rows(n, codes.shape[1] * codes.dtype.itemsize, chunk_bytes), codes.shape[1]))
         if raw is not None:
-            write_array(store, f"{path}/raw", raw, (chunk_rows(n, raw.shape[1] * 4), raw.shape[1]))
+            write_array(store, f"{path}/raw", raw, (chunk_rows(n, raw.shape[1] * 4, chunk_bytes), raw.shape[1]))
     return checksum([offsets, ids, codes] + ([raw] if raw is not None else []))
 
 
