@@ -43,6 +43,7 @@ from distann.store.arrays import CheckedStore, StoredArray, checksum, write_smal
 from distann.store.lease import LEASE_DIR, GenerationLease, remove_older
 from distann.store.location import Location
 from distann.store.readers import READERS_DIR, held_generations
+from distann.store.staging import STAGING_VERSION
 from distann.store.manifest import (FORMAT_VERSION, MANIFEST_PATH, Manifest, ShardEntry, manifest_exists,
                                     read_manifest, write_manifest)
 from distann.train.api import check_train_params, collect_sample
@@ -129,6 +130,7 @@ def build(source, index_url: str, spec: str = "IVF1024,Flat", metric: str = "l2"
     key = build_key(source=src.fingerprint, ids=getattr(ids_src, "fingerprint", None), spec=str(ispec),
                     metric=metric, niter=niter, seed=seed, init=init, mppc=max_points_per_centroid,
                     chunk_rows=chunk_rows, shard_bytes=shard_bytes, chunk_bytes=chunk_bytes, format=FORMAT_VERSION,
+                    staging=STAGING_VERSION,
                     **({"two_level": [levels.nlist1, levels.nprobe, levels.refine_niter]} if levels else {}))
     gen = layout.generation(committed + 1)
     if loc.list_dir(gen) and not loc.exists(layout.build_marker(gen)):
