@@ -116,7 +116,7 @@ def _round(index, cache: str, requests, results_expected) -> None:
         assert not lists._cache
 
 
-@pytest.mark.parametrize("cache", ["streaming", "cache"])
+@pytest.mark.parametrize("cache", [pytest.param("streaming", marks=pytest.mark.slow), "cache"])
 def test_thousand_concurrent_searches(index_url, expected, cache):
     """No errors, the sequential results, and memory flat: after a first round, a round of
     1,000 threads (2,000 with the searches' prefetch threads) leaves at most RSS_GROWTH_MIB behind."""

@@ -39,6 +39,10 @@ from tests.test_kernels_codecs import Coded
 pytestmark = pytest.mark.skipif("cuda" not in available_backends(),
                                 reason="the cuda backend cannot run here (no device and no CUDA simulator)")
 
+SLOW = pytest.mark.slow  # the other half of a parametrization, for `make test-all`
+#: the heaviest simulated cases (5-10 s each in the simulator) run both metrics under `-m slow`
+#: and l2 by default; ip is also run by default in the cases below that are light
+METRICS_HEAVY = ("l2", pytest.param("ip", marks=SLOW))
 SMALL = [0, 1, 9, 23, 0, 12, 3]  # empty lists, one vector, smaller and larger than k
 BIG_K = 1030  # above the fused selection's limit: the device-sort path
 
@@ -60,7 +64,7 @@ def _fresh_cache(cu):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("metric", METRICS_HEAVY)
 @pytest.mark.parametrize("kind", ["normal", "offset", "zeros", "dups"])
 def test_flat_scan_matches_reference(cu, metric, kind):
     rng = np.random.default_rng([len(metric), len(kind)])
@@ -73,7 +77,7 @@ def test_flat_scan_matches_reference(cu, metric, kind):
                 np.testing.assert_array_equal(batch.scan(cu, k, metric)[1], batch.scan(REF, k, metric)[1])
 
 
-@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("metric", METRICS_HEAVY)
 def test_flat_scan_max_codes_valid_mask_and_big_k(cu, metric):
     rng = np.random.default_rng([len(metric), 9])
     for kind in ("normal", "dups"):
@@ -116,7 +120,6 @@ def test_scan_into_out_by_parts_equals_one_scan(cu):
     np.testing.assert_array_equal(out[0], whole[0])
 
 
-SLOW = pytest.mark.slow  # the other half of a parametrization, for `make test-all`
 
 
 @pytest.mark.parametrize("metric, sq_kind", [("l2", 0), ("ip", 1), pytest.param("ip", 0, marks=SLOW),
@@ -226,7 +229,7 @@ def test_merge_topk_batches_bigger_than_the_work_budget(cu):
     np.testing.assert_array_equal(got[1], want[1])
 
 
-@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("metric", METRICS_HEAVY)
 def test_coarse_quantize_matches_reference(cu, metric):
     rng = np.random.default_rng([len(metric), 3])
     for kind, d in (("normal", 1), ("offset", 5), ("dups", 7)):
