@@ -319,8 +319,6 @@ def broadcast(client, data):
     result; the first worker to run it serves it to the others. Each call is its own key
     (``pure=False``): two jobs broadcasting equal data never share one."""
     import dask
-    from dask.sizeof import sizeof
-    from dask.utils import parse_bytes
 
     try:
         client.wait_for_workers(1, timeout=config.get("cluster.connect-timeout"))
@@ -328,10 +326,8 @@ def broadcast(client, data):
         raise DistannError(f"no Dask worker is connected to the scheduler {client.scheduler.address} (none joined "
                            "within distann.cluster.connect-timeout); start workers (dask worker ADDRESS) and "
                            "rerun") from None
-    # the data is the task's argument on purpose: do not warn about a "large graph"
-    threshold = max(parse_bytes(dask.config.get("distributed.admin.large-graph-warning-threshold")),
-                    2 * sizeof(data) + (1 << 20))
-    with dask.config.set({"distributed.admin.large-graph-warning-threshold": threshold}):
+    # the data is this one-task graph's argument on purpose: no "Sending large graph" warning
+    with dask.config.set({"distributed.admin.large-graph-warning-threshold": 2**62}):
         return client.submit(_broadcast_value, data, pure=False)
 
 
