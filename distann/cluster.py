@@ -89,12 +89,16 @@ def _stop_if_bootstrapping() -> None:
 
 
 class _QuietTaskEnds(logging.Filter):
-    """Drops a worker's report of a failed task ("Compute Failed": the client raises the task's
-    error itself) and of the tasks cancelled when the client stops the cluster early."""
+    """Drops, in an embedded cluster's worker, the report of a failed task ("Compute Failed":
+    the client raises the task's error itself), of the tasks cancelled when the client stops the
+    cluster early, and of a heartbeat that found the scheduler gone: the scheduler lives in the
+    driver's process and closes first when the job ends, so a worker's heartbeat in that moment
+    logs a traceback about nothing (it made the quickstart print one, now and then)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = str(record.msg)
         return not (msg.startswith("Compute Failed")
+                    or msg.startswith("Failed to communicate with scheduler during heartbeat")
                     or (msg.startswith("Async instruction for") and "CancelledError" in record.getMessage()))
 
 
