@@ -112,9 +112,9 @@ class Staging:
         if end > size:
             self._corrupt(name, start, end, f"are asked of a file of {size} bytes (its offsets do not match its rows)")
         b0, b1 = start // block, -(-end // block)
-        framed = self.loc.read_bytes(f"{self.base}/{name}", b0 * (block + CRC),
-                                     b1 * (block + CRC) - (b1 * block - min(b1 * block, size)))
         stride = block + CRC
+        # blocks [b0, b1) in the file: every block before b1 whole, block b1 - 1 perhaps the short last one
+        framed = self.loc.read_bytes(f"{self.base}/{name}", b0 * stride, min(b1 * block, size) + b1 * CRC)
         for i, b in enumerate(range(b0, b1)):
             n, lo = min(block, size - b * block), i * stride
             data, crc = framed[lo:lo + n], framed[lo + n:lo + n + CRC]
